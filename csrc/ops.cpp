@@ -1,0 +1,49 @@
+// Schemas of torchdrr's custom ops and the Python module that loads them. Kernels register themselves per device in
+// csrc/raycast/raycast_{cpu.cpp,cuda.cu}; fake (meta) kernels and autograd are registered in torchdrr/ops/raycast.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef TORCHDRR_WITH_CUDA
+#define TORCHDRR_WITH_CUDA 0
+#endif
+#ifndef TORCHDRR_CUDA_ARCHS
+#define TORCHDRR_CUDA_ARCHS ""
+#endif
+#ifndef TORCHDRR_TORCH_VERSION
+#define TORCHDRR_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(torchdrr, m) {
+  // Integrals along rays: volume [C, I, J, K], affine [4, 4] float64 on the CPU, sources/targets [N, 3] world mm,
+  // mode 0 = siddon, 1 = trilinear, step in mm (trilinear only). Returns [N, C].
+  m.def(
+      "raycast_forward(Tensor volume, Tensor affine, Tensor sources, Tensor targets, int mode, float step) -> Tensor");
+  // Gradients of raycast_forward given dLoss/dout [N, C]. Each requested gradient is computed only when its flag is
+  // set; one not requested comes back as an empty tensor. Returns (grad_volume, grad_sources, grad_targets).
+  m.def(
+      "raycast_backward(Tensor grad_output, Tensor volume, Tensor affine, Tensor sources, Tensor targets, int mode, "
+      "float step, bool volume_grad, bool rays_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+// A plain module, so that `import torchdrr._C` loads the library and runs the registrations above; it also records
+// how the library was built, for torchdrr.build_info().
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "torchdrr's compiled ops", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", TORCHDRR_WITH_CUDA) < 0 ||
+      PyModule_AddStringConstant(module, "CUDA_ARCHS", TORCHDRR_CUDA_ARCHS) < 0 ||
+      PyModule_AddStringConstant(module, "TORCH_VERSION", TORCHDRR_TORCH_VERSION) < 0 ||
+#ifdef _OPENMP
+      PyModule_AddIntConstant(module, "OPENMP", 1) < 0
+#else
+      PyModule_AddIntConstant(module, "OPENMP", 0) < 0
+#endif
+  ) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}

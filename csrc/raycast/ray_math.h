@@ -1,0 +1,442 @@
+// Ray math shared by the CPU and CUDA ray-casting kernels.
+//
+// Everything here is a plain function of one ray, written once and compiled for both the host and the device,
+// so that the two kernels cannot drift apart. The kernels only decide how rays are distributed over threads.
+//
+// Conventions (design.md §2):
+//  * Voxel (i, j, k) is the box [i-1/2, i+1/2) x [j-1/2, j+1/2) x [k-1/2, k+1/2) in index space; the volume is zero
+//    outside [-1/2, I-1/2] x [-1/2, J-1/2] x [-1/2, K-1/2].
+//  * A ray is the segment x(a) = s + a (t - s), a in [0, 1], with s, t in index space. Its world length |t_w - s_w|
+//    converts index-space parameter lengths into millimetres.
+//  * Siddon: F_c = |t_w - s_w| * sum_k v_c[k] (a_{k+1} - a_k), exact intersection lengths.
+//  * Trilinear: the part inside the outer box is cut into N equal pieces sampled at their midpoints,
+//    F_c = |t_w - s_w| * (a_max - a_min) / N * sum_n V_c(x(b_n)), with V_c the edge-clamped trilinear interpolant.
+//
+// Gradients (design.md §2): w = sum_c g_c v_c is the volume weighted by the incoming gradient, so one walk serves
+// every channel. A crossing of the plane x_a = p at a_c moves with the endpoints as
+//   d a_c / d s_a = (a_c - 1) / d_a,   d a_c / d t_a = -a_c / d_a,
+// and contributes (w_before - w_after) times that derivative.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TDRR_HD __host__ __device__ __forceinline__
+#else
+#define TDRR_HD inline
+#endif
+
+namespace torchdrr {
+
+#if !defined(__CUDA_ARCH__)
+using std::ceil;
+using std::floor;
+using std::isfinite;
+using std::sqrt;
+#endif
+
+// Largest number of channels one walk accumulates in registers; more channels are processed in chunks.
+constexpr int kMaxChannelsPerWalk = 8;
+
+// World -> index-space map of a volume, plus what the kernels need to read it. Passed by value to kernels.
+template <typename T>
+struct VolumeGeometry {
+  T world_to_index[3][3];   // inverse of the affine's linear part
+  T index_offset[3];        // index = world_to_index * world + index_offset
+  int64_t size[3];          // I, J, K
+  int64_t voxel_stride[3];  // element strides of i, j, k
+  int64_t channel_stride;   // element stride between channels
+};
+
+template <typename T>
+struct Vec3 {
+  T x[3];
+};
+
+template <typename T>
+TDRR_HD Vec3<T> to_index_space(const VolumeGeometry<T>& g, const T* world) {
+  Vec3<T> p;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    p.x[a] = g.world_to_index[a][0] * world[0] + g.world_to_index[a][1] * world[1] +
+             g.world_to_index[a][2] * world[2] + g.index_offset[a];
+  }
+  return p;
+}
+
+// grad_world = M^T grad_index, the chain rule through index = M world + b.
+template <typename T>
+TDRR_HD void index_grad_to_world(const VolumeGeometry<T>& g, const T* grad_index, T* grad_world) {
+#pragma unroll
+  for (int b = 0; b < 3; ++b) {
+    grad_world[b] = g.world_to_index[0][b] * grad_index[0] + g.world_to_index[1][b] * grad_index[1] +
+                    g.world_to_index[2][b] * grad_index[2];
+  }
+}
+
+template <typename T>
+TDRR_HD bool all_finite(const T* p) {
+  return isfinite(p[0]) && isfinite(p[1]) && isfinite(p[2]);
+}
+
+template <typename T>
+TDRR_HD T world_length(const T* s_world, const T* t_world) {
+  const T dx = t_world[0] - s_world[0], dy = t_world[1] - s_world[1], dz = t_world[2] - s_world[2];
+  return sqrt(dx * dx + dy * dy + dz * dz);
+}
+
+// One ray in index space with the part of it that lies inside the outer box.
+template <typename T>
+struct ClippedRay {
+  T s[3];          // source, index space
+  T d[3];          // t - s, index space
+  T inv_d[3];      // 1 / d (0 where d == 0: that axis is never crossed)
+  T alpha_min;     // entry parameter
+  T alpha_max;     // exit parameter
+  int axis_min;    // axis whose face gives alpha_min, -1 when the source is inside (alpha_min = 0)
+  int axis_max;    // axis whose face gives alpha_max, -1 when the target is inside (alpha_max = 1)
+  bool hit;        // alpha_min < alpha_max
+};
+
+// Parameter of the plane x_a = p. Both the clip and the walk use this exact expression, so that the walk's last
+// crossing and alpha_max round identically.
+template <typename T>
+TDRR_HD T plane_alpha(T p, T s, T inv_d) {
+  return (p - s) * inv_d;
+}
+
+template <typename T>
+TDRR_HD ClippedRay<T> clip_ray(const VolumeGeometry<T>& g, const Vec3<T>& s, const Vec3<T>& t) {
+  ClippedRay<T> r;
+  r.alpha_min = T(0);
+  r.alpha_max = T(1);
+  r.axis_min = -1;
+  r.axis_max = -1;
+  bool inside_slabs = true;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    r.s[a] = s.x[a];
+    r.d[a] = t.x[a] - s.x[a];
+    const T lo = T(-0.5), hi = T(g.size[a]) - T(0.5);
+    if (r.d[a] != T(0)) {
+      r.inv_d[a] = T(1) / r.d[a];
+      const T a_lo = plane_alpha(lo, r.s[a], r.inv_d[a]);
+      const T a_hi = plane_alpha(hi, r.s[a], r.inv_d[a]);
+      const T enter = a_lo < a_hi ? a_lo : a_hi;
+      const T leave = a_lo < a_hi ? a_hi : a_lo;
+      if (enter > r.alpha_min) {
+        r.alpha_min = enter;
+        r.axis_min = a;
+      }
+      if (leave < r.alpha_max) {
+        r.alpha_max = leave;
+        r.axis_max = a;
+      }
+    } else {
+      r.inv_d[a] = T(0);
+      // A ray parallel to the faces of axis a is inside only if it runs within the slab (half-open, like voxels).
+      inside_slabs = inside_slabs && (r.s[a] >= lo) && (r.s[a] < hi);
+    }
+  }
+  r.hit = inside_slabs && (r.alpha_min < r.alpha_max);
+  return r;
+}
+
+// Index of the voxel a ray enters at parameter `alpha` along axis a, resolving a point that lies on a face in the
+// direction of travel (the voxel after the face), and clamped into the grid.
+template <typename T>
+TDRR_HD int64_t entry_voxel(T x, T d, int64_t n) {
+  int64_t i = d < T(0) ? static_cast<int64_t>(ceil(x + T(0.5))) - 1 : static_cast<int64_t>(floor(x + T(0.5)));
+  return i < 0 ? 0 : (i >= n ? n - 1 : i);
+}
+
+// Walks the voxels a clipped ray crosses, in order (Siddon/Jacobs incremental traversal, no sort).
+// For each voxel it calls visit(offset, a0, a1, axis), where offset is the voxel's element offset, [a0, a1] the
+// parameter interval inside it (a1 >= a0), and axis the axis of the face crossed at a0 (-1 at a source inside the
+// volume, and the entry axis for the first voxel).
+template <typename T, typename Visitor>
+TDRR_HD void siddon_walk(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
+  int64_t idx[3], step[3];
+  T alpha_next[3];
+  int64_t offset = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const T x = r.s[a] + r.alpha_min * r.d[a];
+    idx[a] = entry_voxel(x, r.d[a], g.size[a]);
+    offset += idx[a] * g.voxel_stride[a];
+    if (r.d[a] > T(0)) {
+      step[a] = 1;
+      alpha_next[a] = plane_alpha(T(idx[a]) + T(0.5), r.s[a], r.inv_d[a]);
+    } else if (r.d[a] < T(0)) {
+      step[a] = -1;
+      alpha_next[a] = plane_alpha(T(idx[a]) - T(0.5), r.s[a], r.inv_d[a]);
+    } else {
+      step[a] = 0;
+      alpha_next[a] = INFINITY;
+    }
+  }
+  T alpha = r.alpha_min;
+  int axis = r.axis_min;
+  // A ray crosses at most I + J + K faces; the bound only guards against a malformed input looping forever.
+  const int64_t max_steps = g.size[0] + g.size[1] + g.size[2] + 3;
+  for (int64_t n = 0; n < max_steps; ++n) {
+    int next_axis = 0;
+    if (alpha_next[1] < alpha_next[next_axis]) next_axis = 1;
+    if (alpha_next[2] < alpha_next[next_axis]) next_axis = 2;
+    const T crossing = alpha_next[next_axis];
+    const bool last = !(crossing < r.alpha_max);
+    T end = last ? r.alpha_max : crossing;
+    // Rounding can put a crossing a hair before the current parameter; that voxel then has zero length.
+    end = end > alpha ? end : alpha;
+    visit(offset, alpha, end, axis);
+    if (last) break;
+    alpha = end;
+    idx[next_axis] += step[next_axis];
+    if (idx[next_axis] < 0 || idx[next_axis] >= g.size[next_axis]) break;
+    offset += step[next_axis] * g.voxel_stride[next_axis];
+    alpha_next[next_axis] =
+        plane_alpha(T(idx[next_axis]) + T(0.5) * T(step[next_axis]), r.s[next_axis], r.inv_d[next_axis]);
+    axis = next_axis;
+  }
+}
+
+// Number of trilinear samples: ceil(L / step) for the world length L inside the outer box (at least 1 on a hit).
+template <typename T>
+TDRR_HD int64_t trilinear_sample_count(const ClippedRay<T>& r, T length_world, T step_mm) {
+  if (!r.hit) return 0;
+  const T inside = (r.alpha_max - r.alpha_min) * length_world;
+  const int64_t n = static_cast<int64_t>(ceil(inside / step_mm));
+  return n < 1 ? 1 : n;
+}
+
+// The 8 voxels around a point and their trilinear weights, with indices clamped to the grid so that the value is
+// constant between an edge voxel's centre and the outer face. dweight[a][corner] = d weight / d x_a.
+template <typename T>
+struct TrilinearStencil {
+  int64_t offset[8];
+  T weight[8];
+  T dweight[3][8];
+};
+
+template <typename T>
+TDRR_HD TrilinearStencil<T> trilinear_stencil(const VolumeGeometry<T>& g, const T* x) {
+  int64_t lo[3], hi[3];
+  T frac[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const T fl = floor(x[a]);
+    const int64_t i0 = static_cast<int64_t>(fl);
+    frac[a] = x[a] - fl;
+    const int64_t last = g.size[a] - 1;
+    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * g.voxel_stride[a];
+    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * g.voxel_stride[a];
+  }
+  TrilinearStencil<T> st;
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const int bi = (c >> 2) & 1, bj = (c >> 1) & 1, bk = c & 1;
+    const T wi = bi ? frac[0] : T(1) - frac[0];
+    const T wj = bj ? frac[1] : T(1) - frac[1];
+    const T wk = bk ? frac[2] : T(1) - frac[2];
+    const T si = bi ? T(1) : T(-1), sj = bj ? T(1) : T(-1), sk = bk ? T(1) : T(-1);
+    st.offset[c] = (bi ? hi[0] : lo[0]) + (bj ? hi[1] : lo[1]) + (bk ? hi[2] : lo[2]);
+    st.weight[c] = wi * wj * wk;
+    st.dweight[0][c] = si * wj * wk;
+    st.dweight[1][c] = wi * sj * wk;
+    st.dweight[2][c] = wi * wj * sk;
+  }
+  return st;
+}
+
+// d alpha / d s_a and d alpha / d t_a of a face crossing on axis a at parameter alpha (index space).
+template <typename T>
+TDRR_HD void crossing_derivative(const ClippedRay<T>& r, int axis, T alpha, T weight, T* grad_s, T* grad_t) {
+  if (axis < 0) return;
+  grad_s[axis] += weight * (alpha - T(1)) * r.inv_d[axis];
+  grad_t[axis] += weight * (-alpha) * r.inv_d[axis];
+}
+
+// Turns dS/ds, dS/dt in index space (S the parameter-space integral of w) into the gradients of F = length * S with
+// respect to the world endpoints.
+template <typename T>
+TDRR_HD void endpoint_gradients(const VolumeGeometry<T>& g, const T* s_world, const T* t_world, T length, T integral,
+                                const T* dS_ds_index, const T* dS_dt_index, T* grad_s_world, T* grad_t_world) {
+  T gs[3], gt[3];
+  index_grad_to_world(g, dS_ds_index, gs);
+  index_grad_to_world(g, dS_dt_index, gt);
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const T unit = (t_world[a] - s_world[a]) / length;  // d length / d t_a = -d length / d s_a
+    grad_s_world[a] = length * gs[a] - integral * unit;
+    grad_t_world[a] = length * gt[a] + integral * unit;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-ray drivers. `MaxC` is the compile-time bound on channels in registers, `channels` <= MaxC the real count.
+// ---------------------------------------------------------------------------------------------------------------
+
+// Forward: out[c] = integral of channel c along the ray (volume units x mm).
+template <typename T, int MaxC>
+TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
+                                 const T* s_world, const T* t_world, bool trilinear, T step_mm, T* out) {
+  T acc[MaxC];
+#pragma unroll
+  for (int c = 0; c < MaxC; ++c) acc[c] = T(0);
+  if (!all_finite(s_world) || !all_finite(t_world)) {
+    for (int c = 0; c < channels; ++c) out[c] = NAN;
+    return;
+  }
+  const T length = world_length(s_world, t_world);
+  const ClippedRay<T> r = clip_ray(g, to_index_space(g, s_world), to_index_space(g, t_world));
+  if (r.hit) {
+    if (!trilinear) {
+      auto visit = [&](int64_t offset, T a0, T a1, int) {
+        const T dl = a1 - a0;
+#pragma unroll
+        for (int c = 0; c < MaxC; ++c) {
+          if (c < channels) acc[c] += volume[offset + c * g.channel_stride] * dl;
+        }
+      };
+      siddon_walk(g, r, visit);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) acc[c] *= length;
+    } else {
+      const int64_t n = trilinear_sample_count(r, length, step_mm);
+      const T h = (r.alpha_max - r.alpha_min) / T(n);
+      for (int64_t k = 0; k < n; ++k) {
+        const T beta = r.alpha_min + (T(k) + T(0.5)) * h;
+        T x[3];
+#pragma unroll
+        for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
+        const TrilinearStencil<T> st = trilinear_stencil(g, x);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+#pragma unroll
+          for (int c = 0; c < MaxC; ++c) {
+            if (c < channels) acc[c] += st.weight[q] * volume[st.offset[q] + c * g.channel_stride];
+          }
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) acc[c] *= length * h;
+    }
+  }
+  for (int c = 0; c < channels; ++c) out[c] = acc[c];
+}
+
+// Backward of one ray. grad_out[c] is dLoss/dF_c. Adds dLoss/dvolume into grad_volume through `scatter_add`
+// (a no-op functor when the volume needs no gradient) and writes dLoss/ds_world, dLoss/dt_world when `want_rays`.
+template <typename T, int MaxC, typename ScatterAdd>
+TDRR_HD void raycast_ray_backward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
+                                  const T* s_world, const T* t_world, bool trilinear, T step_mm, const T* grad_out,
+                                  bool want_volume, ScatterAdd& scatter_add, bool want_rays, T* grad_s_world,
+                                  T* grad_t_world) {
+  if (want_rays) {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) grad_s_world[a] = grad_t_world[a] = T(0);
+  }
+  if (!all_finite(s_world) || !all_finite(t_world)) {
+    if (want_rays) {
+#pragma unroll
+      for (int a = 0; a < 3; ++a) grad_s_world[a] = grad_t_world[a] = NAN;
+    }
+    return;
+  }
+  const T length = world_length(s_world, t_world);
+  const ClippedRay<T> r = clip_ray(g, to_index_space(g, s_world), to_index_space(g, t_world));
+  if (!r.hit || !(length > T(0))) return;
+  T go[MaxC];
+#pragma unroll
+  for (int c = 0; c < MaxC; ++c) go[c] = c < channels ? grad_out[c] : T(0);
+
+  T integral = T(0);  // S = parameter-space integral of w = sum_c go_c v_c
+  T dS_ds[3] = {T(0), T(0), T(0)}, dS_dt[3] = {T(0), T(0), T(0)};
+
+  if (!trilinear) {
+    T w_prev = T(0);  // w of the previous voxel; 0 outside the volume
+    auto visit = [&](int64_t offset, T a0, T a1, int axis) {
+      const T dl = a1 - a0;
+      T w = T(0);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) {
+        if (c < channels) w += go[c] * volume[offset + c * g.channel_stride];
+      }
+      if (want_volume) {
+#pragma unroll
+        for (int c = 0; c < MaxC; ++c) {
+          if (c < channels) scatter_add(offset + c * g.channel_stride, go[c] * length * dl);
+        }
+      }
+      if (want_rays) {
+        integral += w * dl;
+        crossing_derivative(r, axis, a0, w_prev - w, dS_ds, dS_dt);
+        w_prev = w;
+      }
+    };
+    siddon_walk(g, r, visit);
+    if (want_rays) crossing_derivative(r, r.axis_max, r.alpha_max, w_prev, dS_ds, dS_dt);
+  } else {
+    const int64_t n = trilinear_sample_count(r, length, step_mm);
+    const T h = (r.alpha_max - r.alpha_min) / T(n);
+    T sum_w = T(0);
+    T grad_from_s[3] = {T(0), T(0), T(0)}, grad_from_t[3] = {T(0), T(0), T(0)};
+    T q_min = T(0), q_max = T(0);  // sum of (grad w . d) weighted by how each sample moves with alpha_min/max
+    for (int64_t k = 0; k < n; ++k) {
+      const T u = (T(k) + T(0.5)) / T(n);
+      const T beta = r.alpha_min + (T(k) + T(0.5)) * h;
+      T x[3];
+#pragma unroll
+      for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
+      const TrilinearStencil<T> st = trilinear_stencil(g, x);
+      T w = T(0), gw[3] = {T(0), T(0), T(0)};
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        T wq = T(0);
+#pragma unroll
+        for (int c = 0; c < MaxC; ++c) {
+          if (c < channels) wq += go[c] * volume[st.offset[q] + c * g.channel_stride];
+        }
+        w += st.weight[q] * wq;
+#pragma unroll
+        for (int a = 0; a < 3; ++a) gw[a] += st.dweight[a][q] * wq;
+        if (want_volume) {
+#pragma unroll
+          for (int c = 0; c < MaxC; ++c) {
+            if (c < channels) scatter_add(st.offset[q] + c * g.channel_stride, go[c] * length * h * st.weight[q]);
+          }
+        }
+      }
+      if (want_rays) {
+        sum_w += w;
+        const T gd = gw[0] * r.d[0] + gw[1] * r.d[1] + gw[2] * r.d[2];
+        q_min += gd * (T(1) - u);
+        q_max += gd * u;
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          grad_from_s[a] += gw[a] * (T(1) - beta);
+          grad_from_t[a] += gw[a] * beta;
+        }
+      }
+    }
+    if (want_rays) {
+      integral = h * sum_w;
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        dS_ds[a] = h * grad_from_s[a];
+        dS_dt[a] = h * grad_from_t[a];
+      }
+      // S = (alpha_max - alpha_min) / N * sum_n w(x_n): the endpoints of the clipped part move the samples and the
+      // piece length together.
+      const T inv_n = T(1) / T(n);
+      crossing_derivative(r, r.axis_min, r.alpha_min, h * q_min - sum_w * inv_n, dS_ds, dS_dt);
+      crossing_derivative(r, r.axis_max, r.alpha_max, h * q_max + sum_w * inv_n, dS_ds, dS_dt);
+    }
+  }
+  if (want_rays) {
+    endpoint_gradients(g, s_world, t_world, length, integral, dS_ds, dS_dt, grad_s_world, grad_t_world);
+  }
+}
+
+}  // namespace torchdrr

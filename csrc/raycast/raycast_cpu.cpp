@@ -1,0 +1,144 @@
+// CPU implementation of torchdrr::raycast_forward and torchdrr::raycast_backward: rays are spread over threads with
+// at::parallel_for; each ray is processed by the shared per-ray code in ray_math.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "raycast.h"
+
+namespace torchdrr {
+namespace {
+
+// Rays per task: a ray costs hundreds of voxel steps, so small grains keep the threads balanced.
+constexpr int64_t kRayGrain = 64;
+
+// Lock-free floating-point add for the back-projection, where rays on different threads share voxels.
+template <typename T>
+inline void atomic_add(T* address, T value) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  Bits* bits = reinterpret_cast<Bits*>(address);
+  Bits expected = __atomic_load_n(bits, __ATOMIC_RELAXED);
+  while (true) {
+    T current;
+    std::memcpy(&current, &expected, sizeof(T));
+    const T updated = current + value;
+    Bits desired;
+    std::memcpy(&desired, &updated, sizeof(T));
+    if (__atomic_compare_exchange_n(bits, &expected, desired, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+      return;
+    }
+  }
+}
+
+at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& affine, const at::Tensor& sources_in,
+                               const at::Tensor& targets_in, int64_t mode, double step) {
+  check_raycast_inputs(volume_in, affine, sources_in, targets_in, mode, step, c10::DeviceType::CPU);
+  const at::Tensor volume = dense_volume(volume_in);
+  const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t n_rays = sources.size(0), channels = volume.size(0);
+  at::Tensor out = at::empty({n_rays, channels}, volume.options());
+  if (n_rays == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "raycast_forward_cpu", [&] {
+    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
+    const scalar_t* vol = volume.const_data_ptr<scalar_t>();
+    const scalar_t* src = sources.const_data_ptr<scalar_t>();
+    const scalar_t* tgt = targets.const_data_ptr<scalar_t>();
+    scalar_t* result = out.mutable_data_ptr<scalar_t>();
+    const bool trilinear = mode == kTrilinear;
+    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
+    dispatch_channels(channels, [&](auto max_channels) {
+      constexpr int kMaxC = decltype(max_channels)::value;
+      at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t ray = begin; ray < end; ++ray) {
+          for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
+            const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
+            raycast_ray_forward<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray,
+                                                 tgt + 3 * ray, trilinear, step_mm, result + ray * channels + c0);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Tensor& grad_output_in,
+                                                                    const at::Tensor& volume_in,
+                                                                    const at::Tensor& affine,
+                                                                    const at::Tensor& sources_in,
+                                                                    const at::Tensor& targets_in, int64_t mode,
+                                                                    double step, bool volume_grad, bool rays_grad) {
+  check_raycast_inputs(volume_in, affine, sources_in, targets_in, mode, step, c10::DeviceType::CPU);
+  const at::Tensor volume = dense_volume(volume_in);
+  const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t n_rays = sources.size(0), channels = volume.size(0);
+  TORCH_CHECK_VALUE(grad_output_in.dim() == 2 && grad_output_in.size(0) == n_rays &&
+                        grad_output_in.size(1) == channels && grad_output_in.device() == volume.device() &&
+                        grad_output_in.scalar_type() == volume.scalar_type(),
+                    "raycast_backward: grad_output must be [N, C] = [", n_rays, ", ", channels,
+                    "] with the volume's dtype and device, got ", grad_output_in.sizes());
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  // The volume gradient shares the volume's strides so that voxel offsets mean the same thing in both.
+  at::Tensor grad_volume = volume_grad ? at::zeros_like(volume) : at::empty({0}, volume.options());
+  at::Tensor grad_sources = rays_grad ? at::empty({n_rays, 3}, volume.options()) : at::empty({0}, volume.options());
+  at::Tensor grad_targets = rays_grad ? at::empty({n_rays, 3}, volume.options()) : at::empty({0}, volume.options());
+  if (n_rays == 0 || (!volume_grad && !rays_grad)) return {grad_volume, grad_sources, grad_targets};
+  TORCH_INTERNAL_ASSERT(!volume_grad || grad_volume.strides() == volume.strides());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "raycast_backward_cpu", [&] {
+    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
+    const scalar_t* vol = volume.const_data_ptr<scalar_t>();
+    const scalar_t* src = sources.const_data_ptr<scalar_t>();
+    const scalar_t* tgt = targets.const_data_ptr<scalar_t>();
+    const scalar_t* gout = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* gvol = volume_grad ? grad_volume.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gsrc = rays_grad ? grad_sources.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gtgt = rays_grad ? grad_targets.mutable_data_ptr<scalar_t>() : nullptr;
+    const bool trilinear = mode == kTrilinear;
+    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
+    dispatch_channels(channels, [&](auto max_channels) {
+      constexpr int kMaxC = decltype(max_channels)::value;
+      at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t ray = begin; ray < end; ++ray) {
+          scalar_t gs_total[3] = {0, 0, 0}, gt_total[3] = {0, 0, 0};
+          for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
+            const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
+            scalar_t* chunk_grad = gvol ? gvol + c0 * geometry.channel_stride : nullptr;
+            auto scatter_add = [chunk_grad](int64_t offset, scalar_t value) {
+              atomic_add(chunk_grad + offset, value);
+            };
+            scalar_t gs[3], gt[3];
+            raycast_ray_backward<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk,
+                                                  src + 3 * ray, tgt + 3 * ray, trilinear, step_mm,
+                                                  gout + ray * channels + c0, volume_grad, scatter_add, rays_grad,
+                                                  gs, gt);
+            if (rays_grad) {
+              for (int a = 0; a < 3; ++a) {
+                gs_total[a] += gs[a];
+                gt_total[a] += gt[a];
+              }
+            }
+          }
+          if (rays_grad) {
+            for (int a = 0; a < 3; ++a) {
+              gsrc[3 * ray + a] = gs_total[a];
+              gtgt[3 * ray + a] = gt_total[a];
+            }
+          }
+        }
+      });
+    });
+  });
+  return {grad_volume, grad_sources, grad_targets};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchdrr, CPU, m) {
+  m.impl("raycast_forward", &raycast_forward_cpu);
+  m.impl("raycast_backward", &raycast_backward_cpu);
+}
+
+}  // namespace torchdrr

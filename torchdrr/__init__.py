@@ -1,0 +1,12 @@
+"""torchdrr: differentiable, physics-based X-ray simulation (DRRs) for PyTorch.
+
+The core is ``torchdrr.raycast``, a C++/CUDA custom op that integrates a CT volume along rays, with gradients to the
+volume and to the ray endpoints. See README.md for the conventions.
+"""
+
+__version__ = "0.1.0"
+
+from ._extension import build_info
+from .ops import raycast
+
+__all__ = ["__version__", "build_info", "raycast"]
