@@ -2,5 +2,6 @@
 references."""
 
 from .raycast import RAYCAST_MODES, raycast
+from .reference import default_step, raycast_reference
 
-__all__ = ["RAYCAST_MODES", "raycast"]
+__all__ = ["RAYCAST_MODES", "default_step", "raycast", "raycast_reference"]

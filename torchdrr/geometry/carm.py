@@ -1,0 +1,87 @@
+"""C-arm poses from angles (design.md §3).
+
+The unit vector from the isocenter to the detector centre is ``d(a, b) = (-sin a cos b, cos a cos b, sin b)`` in the
+world frame (RAS+, mm): ``a`` is the primary angle (LAO positive, detector toward the patient's left) and ``b`` the
+secondary angle (cranial positive, detector toward the head). (0, 0) puts the detector anterior. The source sits at
+``isocenter - SOD d``; the detector centre at ``source + SDD d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["NAMED_VIEWS", "carm_extrinsics", "detector_direction"]
+
+#: Named views as (primary, secondary) angles in degrees.
+NAMED_VIEWS: dict[str, tuple[float, float]] = {
+    "PA": (0.0, 0.0),
+    "AP": (180.0, 0.0),
+    "left lateral": (90.0, 0.0),
+    "right lateral": (-90.0, 0.0),
+}
+
+
+def detector_direction(primary_deg: Tensor, secondary_deg: Tensor) -> Tensor:
+    """``d(a, b)``, the unit vector from the isocenter toward the detector; ``[..., 3]`` for ``[...]`` angles."""
+    a, b = torch.deg2rad(primary_deg), torch.deg2rad(secondary_deg)
+    return torch.stack([-torch.sin(a) * torch.cos(b), torch.cos(a) * torch.cos(b), torch.sin(b)], dim=-1)
+
+
+def carm_extrinsics(
+    primary_deg: Tensor | float,
+    secondary_deg: Tensor | float,
+    sod_mm: float,
+    isocenter: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """World -> camera extrinsics ``R``, ``t`` of a C-arm at the given angles.
+
+    At (0, 0) the camera's x axis is the world's +x (patient's right), y is -z (toward the feet, so rows run head to
+    foot) and z is +y (source behind the patient, detector in front). Other angles rotate this frame about the
+    superior axis by the primary angle, then tilt it toward the head by the secondary angle, so the camera's z axis
+    is ``d(a, b)``. With the mirrored intrinsics (camera.intrinsic_matrix), the patient's right appears on the
+    image's left at the frontal position and the head at the top, as on a C-arm monitor.
+
+    Args:
+        primary_deg: ``[B]`` or scalar primary angle (degrees, LAO positive).
+        secondary_deg: ``[B]`` or scalar secondary angle (degrees, cranial positive).
+        sod_mm: source-to-isocenter distance in mm (> 0).
+        isocenter: ``[3]`` world point (mm) the C-arm rotates about, e.g. the volume's centre.
+
+    Returns:
+        ``R`` ``[B, 3, 3]`` and ``t`` ``[B, 3]`` (mm), in ``isocenter``'s dtype and device; differentiable in the
+        angles and the isocenter.
+    """
+    if not (sod_mm > 0) or not math.isfinite(sod_mm):
+        raise ValueError(f"sod_mm must be a positive distance in mm, got {sod_mm}")
+    dtype, device = isocenter.dtype, isocenter.device
+    a = torch.as_tensor(primary_deg, dtype=dtype, device=device).reshape(-1)
+    b = torch.as_tensor(secondary_deg, dtype=dtype, device=device).reshape(-1)
+    a, b = torch.broadcast_tensors(a, b)
+    ra, rb = torch.deg2rad(a), torch.deg2rad(b)
+    zero, one = torch.zeros_like(ra), torch.ones_like(ra)
+    rot_primary = torch.stack(
+        [
+            torch.stack([torch.cos(ra), -torch.sin(ra), zero], -1),
+            torch.stack([torch.sin(ra), torch.cos(ra), zero], -1),
+            torch.stack([zero, zero, one], -1),
+        ],
+        -2,
+    )
+    rot_secondary = torch.stack(
+        [
+            torch.stack([one, zero, zero], -1),
+            torch.stack([zero, torch.cos(rb), -torch.sin(rb)], -1),
+            torch.stack([zero, torch.sin(rb), torch.cos(rb)], -1),
+        ],
+        -2,
+    )
+    # Columns: the camera axes at (0, 0) expressed in the world frame.
+    frontal = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=dtype, device=device)
+    camera_to_world = rot_primary @ rot_secondary @ frontal
+    rotation = camera_to_world.transpose(-1, -2)
+    source = isocenter - sod_mm * camera_to_world[..., :, 2]
+    translation = -(rotation @ source.unsqueeze(-1)).squeeze(-1)
+    return rotation, translation

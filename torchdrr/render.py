@@ -1,0 +1,103 @@
+"""A minimal line-integral renderer: CT -> rough water-equivalent attenuation -> ray casting -> picture.
+
+This is deliberately small: the physics issues replace the attenuation model (materials, spectra, detector, noise)
+with the calibrated ``DRR`` module. It exists so the op does real work on a real CT end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .geometry import carm_extrinsics, intrinsic_matrix, pixel_rays
+from .io import volume_center
+from .ops import raycast
+
+__all__ = ["WATER_MU_PER_MM", "hu_to_mu", "render_carm", "save_png", "to_display"]
+
+#: Rough linear attenuation of water for a diagnostic beam (about 0.2 /cm): a placeholder, not a spectrum.
+WATER_MU_PER_MM = 0.02
+
+
+def hu_to_mu(hu: Tensor) -> Tensor:
+    """Rough linear attenuation in 1/mm: ``0.02 * (1 + HU / 1000)``, clipped at 0 (so padding, -2048, is air)."""
+    return (WATER_MU_PER_MM * (1.0 + hu / 1000.0)).clamp_min(0.0)
+
+
+def render_carm(
+    mu: Tensor,
+    affine: Tensor,
+    primary_deg: Tensor | float,
+    secondary_deg: Tensor | float,
+    height: int = 512,
+    width: int = 512,
+    pixel_spacing_mm: tuple[float, float] = (0.85, 0.85),
+    sdd_mm: float = 1020.0,
+    sod_mm: float = 850.0,
+    mode: str = "siddon",
+    step: float | None = None,
+) -> Tensor:
+    """Line integrals of ``mu`` seen by a C-arm at the given angles (isocenter: the volume's centre).
+
+    Args:
+        mu: ``[I, J, K]`` linear attenuation in 1/mm (float32 or float64), on the device to render on.
+        affine: ``[4, 4]`` voxel -> world mm.
+        primary_deg: ``[B]`` or scalar primary angles (degrees, LAO positive).
+        secondary_deg: ``[B]`` or scalar secondary angles (degrees, cranial positive).
+        height: detector rows.
+        width: detector columns.
+        pixel_spacing_mm: (row pitch, column pitch) in mm.
+        sdd_mm: source-to-detector distance in mm.
+        sod_mm: source-to-isocenter distance in mm.
+        mode: "siddon" or "trilinear" (see ``torchdrr.raycast``).
+        step: trilinear step in mm.
+
+    Returns:
+        ``[B, 1, height, width]`` dimensionless line integrals ``-log(I / I0)`` in ``mu``'s dtype and device.
+    """
+    affine64 = affine.to(torch.float64)
+    isocenter = volume_center(affine64, mu.shape[-3:]).to(mu.device)
+    rotation, translation = carm_extrinsics(primary_deg, secondary_deg, sod_mm, isocenter)
+    intrinsics = intrinsic_matrix(sdd_mm, height, width, pixel_spacing_mm).to(mu.device)
+    sources, targets = pixel_rays(intrinsics, rotation, translation, height, width, sdd_mm)
+    integrals = raycast(mu, affine64, sources.to(mu.dtype), targets.to(mu.dtype), mode=mode, step=step)
+    return integrals.reshape(-1, 1, height, width)
+
+
+def to_display(line_integrals: Tensor, low_percentile: float = 0.5, high_percentile: float = 99.5) -> np.ndarray:
+    """An 8-bit picture of one image ``[H, W]`` (or ``[1, H, W]``): bright where attenuation is high, as on film.
+
+    The window spans the given percentiles of the pixels that saw the volume (line integral > 0).
+    """
+    image = line_integrals.detach().to("cpu", torch.float64).reshape(line_integrals.shape[-2:]).numpy()
+    seen = image[image > 0]
+    if seen.size == 0:
+        return np.zeros(image.shape, dtype=np.uint8)
+    low, high = np.percentile(seen, [low_percentile, high_percentile])
+    scaled = np.clip((image - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+def save_png(picture: np.ndarray, path: str | Path) -> Path:
+    """Writes a 2D uint8/uint16 array as PNG atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output path must end in .png, got {path}")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            Image.fromarray(picture).save(handle, format="PNG")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
