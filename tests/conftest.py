@@ -9,9 +9,7 @@ import torch
 
 import torchdrr
 
-FULL_CT = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest-ct" / "lidc-idri-0001.nii.gz"
-)
+FULL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest-ct" / "lidc-idri-0001.nii.gz"
 
 
 def cuda_ready() -> bool:

@@ -27,9 +27,7 @@ MODES = ("siddon", "trilinear")
 DTYPES = (torch.float32, torch.float64)
 
 
-def assert_chords_close(
-    got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, voxel_mm: float
-) -> None:
+def assert_chords_close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, voxel_mm: float) -> None:
     """design.md's numerics: float32 within 1e-5 of the chord (chords longer than a voxel) or 1e-4 mm
     (shorter ones); float64 essentially exact."""
     got, expected = got.detach().cpu().double(), expected.double()
@@ -110,9 +108,7 @@ def test_clinical_scale_float32_accuracy(device, mode) -> None:
     centre = (affine @ torch.tensor([255.5, 255.5, 66.0, 1.0], dtype=torch.float64))[:3]
     rng = np.random.default_rng(3)
     sources = (
-        centre
-        + torch.tensor([0.0, -850.0, 0.0], dtype=torch.float64)
-        + torch.from_numpy(rng.normal(size=(2000, 3)))
+        centre + torch.tensor([0.0, -850.0, 0.0], dtype=torch.float64) + torch.from_numpy(rng.normal(size=(2000, 3)))
     )
     detector = centre + torch.tensor([0.0, 170.0, 0.0], dtype=torch.float64)
     offsets = torch.from_numpy(rng.uniform(-1, 1, size=(2000, 3)) * np.array([190.0, 0.0, 150.0]))
@@ -183,9 +179,7 @@ def test_gradients_match_reference_autograd(device, mode) -> None:
         out = fn(leaves[0], affine, leaves[1], leaves[2], mode=mode)
         return torch.autograd.grad((out * weights.to(dev)).sum(), leaves)
 
-    for kernel, reference in zip(
-        grads(torchdrr.raycast, device), grads(raycast_reference, "cpu"), strict=True
-    ):
+    for kernel, reference in zip(grads(torchdrr.raycast, device), grads(raycast_reference, "cpu"), strict=True):
         torch.testing.assert_close(kernel.cpu(), reference, rtol=1e-9, atol=1e-11)
 
 
@@ -212,9 +206,7 @@ def test_more_channels_than_one_walk_holds(device, mode) -> None:
     affine, volume, sources, targets = _random_case(seed=8, channels=11, n_rays=40)
     volume, sources, targets = (x.to(device).requires_grad_() for x in (volume, sources, targets))
     together = torchdrr.raycast(volume, affine, sources, targets, mode=mode)
-    apart = torch.stack(
-        [torchdrr.raycast(volume[c], affine, sources, targets, mode=mode) for c in range(11)], -1
-    )
+    apart = torch.stack([torchdrr.raycast(volume[c], affine, sources, targets, mode=mode) for c in range(11)], -1)
     torch.testing.assert_close(together, apart, rtol=1e-12, atol=1e-12)
     weights = torch.linspace(-1, 1, 11 * 40, dtype=torch.float64, device=device).reshape(40, 11)
     g_together = torch.autograd.grad((together * weights).sum(), (volume, sources, targets))
@@ -272,9 +264,7 @@ def test_opcheck(device, mode) -> None:
     affine, volume, sources, targets = _random_case(seed=6)
     volume, sources, targets = (x.float().to(device).requires_grad_() for x in (volume, sources, targets))
     mode_id = torchdrr.ops.RAYCAST_MODES[mode]
-    torch.library.opcheck(
-        torch.ops.torchdrr.raycast_forward.default, (volume, affine, sources, targets, mode_id, 0.0)
-    )
+    torch.library.opcheck(torch.ops.torchdrr.raycast_forward.default, (volume, affine, sources, targets, mode_id, 0.0))
     grad = torch.rand(6, 2, device=device)
     for flags in [(True, True), (False, True), (True, False)]:
         args = (grad, volume.detach(), affine, sources.detach(), targets.detach(), mode_id, 0.0, *flags)
@@ -396,11 +386,7 @@ BAD_INPUTS = [
     ),
     (
         "affine projective",
-        {
-            "affine": torch.tensor(
-                [[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0.5, 1]], dtype=torch.float64
-            )
-        },
+        {"affine": torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0.5, 1]], dtype=torch.float64)},
         ValueError,
         "last row",
     ),

@@ -157,9 +157,7 @@ def test_multichannel_equals_stacked_single_channel(mode: str) -> None:
     targets = to_world(affine, [r[2] for r in INDEX_RAYS])
     got = raycast_reference(volume, affine, sources, targets, mode=mode)
     assert got.shape == (len(INDEX_RAYS), 3)
-    stacked = torch.stack(
-        [raycast_reference(volume[c], affine, sources, targets, mode=mode) for c in range(3)], dim=-1
-    )
+    stacked = torch.stack([raycast_reference(volume[c], affine, sources, targets, mode=mode) for c in range(3)], dim=-1)
     torch.testing.assert_close(got, stacked, rtol=1e-14, atol=1e-14)
     assert (got[:-1].abs() > 0.01).all()
 
@@ -170,9 +168,7 @@ def test_broadcasting_and_shapes(mode: str) -> None:
     gen = torch.Generator().manual_seed(2)
     batch, n_rays = 2, 4
     sources = to_world(affine, torch.tensor([[[-3.0, 2.0, 3.0]], [[2.0, -4.0, 1.0]]]).numpy())  # [B, 1, 3]
-    targets = to_world(
-        affine, (torch.rand((batch, n_rays, 3), generator=gen, dtype=torch.float64) * 4).numpy()
-    )
+    targets = to_world(affine, (torch.rand((batch, n_rays, 3), generator=gen, dtype=torch.float64) * 4).numpy())
     volume4 = torch.rand((2, *SHAPE), generator=gen, dtype=torch.float64)
     out4 = raycast_reference(volume4, affine, sources, targets, mode=mode)
     out3 = raycast_reference(volume4[1], affine, sources, targets, mode=mode)

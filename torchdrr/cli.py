@@ -48,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         help="C-arm angles in degrees (primary: LAO positive; secondary: cranial positive); overrides --view",
     )
     render.add_argument("--size", nargs=2, type=int, default=(512, 512), metavar=("ROWS", "COLS"))
-    render.add_argument(
-        "--pixel-spacing", nargs=2, type=float, default=(0.85, 0.85), metavar=("ROW_MM", "COL_MM")
-    )
+    render.add_argument("--pixel-spacing", nargs=2, type=float, default=(0.85, 0.85), metavar=("ROW_MM", "COL_MM"))
     render.add_argument("--sdd", type=float, default=1020.0, help="source-to-detector distance, mm")
     render.add_argument("--sod", type=float, default=850.0, help="source-to-isocenter distance, mm")
     render.add_argument("--mode", choices=["siddon", "trilinear"], default="siddon")

@@ -46,9 +46,7 @@ def intrinsic_matrix(
         raise ValueError(f"pixel_spacing_mm must be two positive pitches in mm, got {pixel_spacing_mm}")
     fu = sdd_mm / col_pitch * (-1.0 if mirror else 1.0)
     fv = sdd_mm / row_pitch
-    return torch.tensor(
-        [[fu, 0.0, (width - 1) / 2.0], [0.0, fv, (height - 1) / 2.0], [0.0, 0.0, 1.0]], dtype=dtype
-    )
+    return torch.tensor([[fu, 0.0, (width - 1) / 2.0], [0.0, fv, (height - 1) / 2.0], [0.0, 0.0, 1.0]], dtype=dtype)
 
 
 def pixel_rays(

@@ -117,9 +117,7 @@ def raycast(
     sources = _check_tensor("sources", sources)
     targets = _check_tensor("targets", targets)
     if volume.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"volume must be float32 or float64, got {volume.dtype} (convert with volume.float() first)"
-        )
+        raise TypeError(f"volume must be float32 or float64, got {volume.dtype} (convert with volume.float() first)")
     if volume.dim() not in (3, 4):
         raise ValueError(f"volume must be [I, J, K] or [C, I, J, K], got shape {tuple(volume.shape)}")
     if volume.numel() == 0:
@@ -163,8 +161,6 @@ def raycast(
     volume4 = volume if volume.dim() == 4 else volume.unsqueeze(0)
     flat_sources = sources.expand(*ray_shape, 3).reshape(-1, 3)
     flat_targets = targets.expand(*ray_shape, 3).reshape(-1, 3)
-    out = torch.ops.torchdrr.raycast_forward(
-        volume4, affine, flat_sources, flat_targets, RAYCAST_MODES[mode], step_mm
-    )
+    out = torch.ops.torchdrr.raycast_forward(volume4, affine, flat_sources, flat_targets, RAYCAST_MODES[mode], step_mm)
     out = out.reshape(*ray_shape, volume4.shape[0])
     return out if volume.dim() == 4 else out.squeeze(-1)
