@@ -1,0 +1,142 @@
+"""Camera conventions (design.md §3), the minimal renderer and the command line."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from torchdrr.cli import main
+from torchdrr.geometry import NAMED_VIEWS, carm_extrinsics, detector_direction, intrinsic_matrix, pixel_rays
+from torchdrr.io import bundled_ct_path, load_nifti, volume_center
+from torchdrr.render import hu_to_mu, render_carm, save_png, to_display
+
+SHAPE = (41, 41, 41)
+AFFINE = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+AFFINE[:3, 3] = -40.0  # centre of the volume at the world origin
+
+
+def bright_point_volume(world_point: tuple[float, float, float]) -> torch.Tensor:
+    volume = torch.zeros(SHAPE, dtype=torch.float64)
+    index = torch.linalg.solve(AFFINE, torch.tensor([*world_point, 1.0], dtype=torch.float64))[:3]
+    volume[tuple(int(round(float(i))) for i in index)] = 1.0
+    return volume
+
+
+def brightest_pixel(image: torch.Tensor) -> tuple[int, int]:
+    flat = int(image.reshape(-1).argmax())
+    return divmod(flat, image.shape[-1])
+
+
+@pytest.mark.parametrize(("primary", "secondary"), [(0.0, 0.0), (35.0, -20.0), (-120.0, 10.0)])
+def test_projection_matrix_lands_where_the_drr_shows_the_point(primary, secondary) -> None:
+    """P = K [R | t] projects a 3D point onto the pixel where the rendered DRR shows it (mirror included)."""
+    point = (12.0, -8.0, 20.0)
+    volume = bright_point_volume(point)
+    height, width, spacing = 61, 81, (1.5, 1.5)
+    image = render_carm(volume, AFFINE, primary, secondary, height, width, spacing, sdd_mm=1000.0, sod_mm=700.0)[0, 0]
+    rotation, translation = carm_extrinsics(primary, secondary, 700.0, torch.zeros(3, dtype=torch.float64))
+    projection = intrinsic_matrix(1000.0, height, width, spacing) @ torch.cat([rotation[0], translation.T], dim=1)
+    u, v, w = projection @ torch.tensor([*point, 1.0], dtype=torch.float64)
+    row, col = brightest_pixel(image)
+    assert abs(col - float(u / w)) <= 1.0 and abs(row - float(v / w)) <= 1.0
+
+
+def test_pa_view_shows_the_patient_as_a_c_arm_monitor_does() -> None:
+    """PA: the patient's right (+x in RAS) on the image's left, the head (+z) at the top."""
+    right = render_carm(bright_point_volume((30.0, 0.0, 0.0)), AFFINE, 0.0, 0.0, 41, 41, (2.0, 2.0))[0, 0]
+    head = render_carm(bright_point_volume((0.0, 0.0, 30.0)), AFFINE, 0.0, 0.0, 41, 41, (2.0, 2.0))[0, 0]
+    assert brightest_pixel(right)[1] < 15  # left columns
+    assert brightest_pixel(head)[0] < 15  # top rows
+
+
+def test_carm_geometry_follows_the_angle_convention() -> None:
+    isocenter = torch.tensor([10.0, -5.0, 3.0], dtype=torch.float64)
+    sod, sdd = 800.0, 1100.0
+    for primary, secondary in [(0.0, 0.0), (30.0, 15.0), (-75.0, -40.0)]:
+        a, b = math.radians(primary), math.radians(secondary)
+        d = torch.tensor([-math.sin(a) * math.cos(b), math.cos(a) * math.cos(b), math.sin(b)], dtype=torch.float64)
+        torch.testing.assert_close(detector_direction(torch.tensor(primary), torch.tensor(secondary)).double(), d)
+        rotation, translation = carm_extrinsics(primary, secondary, sod, isocenter)
+        torch.testing.assert_close(rotation[0] @ rotation[0].T, torch.eye(3, dtype=torch.float64))
+        assert torch.linalg.det(rotation[0]) == pytest.approx(1.0)
+        sources, targets = pixel_rays(intrinsic_matrix(sdd, 5, 7, (1.0, 1.0)), rotation, translation, 5, 7, sdd)
+        torch.testing.assert_close(sources[0, 0], isocenter - sod * d)
+        torch.testing.assert_close(targets[0, 2 * 7 + 3], isocenter - sod * d + sdd * d)  # centre pixel
+    assert NAMED_VIEWS["left lateral"] == (90.0, 0.0)
+    torch.testing.assert_close(
+        detector_direction(torch.tensor(90.0), torch.tensor(0.0)), torch.tensor([-1.0, 0.0, 0.0]), atol=1e-7, rtol=0
+    )
+
+
+def test_bundled_ct_renders_a_plausible_radiograph() -> None:
+    hu, affine = load_nifti(bundled_ct_path())
+    assert hu.shape == (170, 170, 133) and float(hu.min()) == -2048.0
+    mu = hu_to_mu(hu)
+    assert float(mu.min()) == 0.0  # padding is air
+    image = render_carm(mu, affine, 0.0, 0.0, 64, 64, (6.0, 6.0))
+    assert image.shape == (1, 1, 64, 64)
+    # Water-equivalent thickness of a chest along the beam: a few hundred mm at 0.02/mm.
+    assert 3.0 < float(image.max()) < 15.0
+    lungs = image[0, 0, 20:35, 14:24].mean()  # the right lung field (image left)
+    spine = image[0, 0, 20:35, 30:34].mean()
+    assert spine > lungs * 1.2
+
+
+def test_render_batched_angles_match_single() -> None:
+    volume = torch.rand(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    batch = render_carm(volume, AFFINE, torch.tensor([0.0, 40.0]), torch.tensor([0.0, 10.0]), 9, 11, (8.0, 8.0))
+    single = render_carm(volume, AFFINE, 40.0, 10.0, 9, 11, (8.0, 8.0))
+    torch.testing.assert_close(batch[1:], single)
+
+
+def test_display_and_png(tmp_path) -> None:
+    image = torch.linspace(0, 5, 64 * 48, dtype=torch.float64).reshape(1, 64, 48)
+    picture = to_display(image)
+    assert picture.dtype == np.uint8 and picture.max() == 255 and picture.min() == 0
+    path = save_png(picture, tmp_path / "x.png")
+    assert Image.open(path).size == (48, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="must end in .png"):
+        save_png(picture, tmp_path / "x.jpg")
+    with pytest.raises(FileNotFoundError, match="output folder does not exist"):
+        save_png(picture, tmp_path / "missing" / "x.png")
+
+
+def test_cli_render_writes_the_picture(tmp_path, capsys) -> None:
+    out = tmp_path / "drr.png"
+    assert main(["render", "--size", "48", "40", "--pixel-spacing", "8", "8", "--out", str(out)]) == 0
+    assert Image.open(out).size == (40, 48)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["render", "--ct", "missing.nii.gz"], "CT file not found"),
+        (["render", "--size", "0", "10"], "--size must be two positive"),
+        (["render", "--mode", "trilinear", "--step", "-1"], "step must be a positive"),
+        (["render", "--sdd", "-5"], "sdd_mm must be > 0"),
+        (["render", "--device", "tpu"], "--device must be"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message) -> None:
+    out = tmp_path / "drr.png"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torchdrr: error:") and message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_help_explains(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["render", "--help"])
+    assert exit_info.value.code == 0
+    assert "bundled LIDC-IDRI-0001" in capsys.readouterr().out
+
+
+def test_volume_center() -> None:
+    torch.testing.assert_close(volume_center(AFFINE, SHAPE), torch.zeros(3, dtype=torch.float64))
