@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.torchdrr-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench peers clean
 
 demo: $(STAMP)
 	$(PY) -m torchdrr render --out drr.png
@@ -40,3 +40,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build torchdrr/_C*.so *.egg-info
+
+# The peers (DiffDRR, nanodrr) in their own venv, for `make bench` (benchmarks/peers/README.md).
+peers:
+	bash benchmarks/peers/setup_peers.sh

@@ -143,6 +143,39 @@ TDRR_HD ClippedRay<T> clip_ray(const VolumeGeometry<T>& g, const Vec3<T>& s, con
   return r;
 }
 
+// Spreads the low 16 bits of v so that bit b lands at bit 2b (for Morton codes).
+TDRR_HD uint64_t spread_bits_16(uint64_t v) {
+  v &= 0xFFFFu;
+  v = (v | (v << 8)) & 0x00FF00FFu;
+  v = (v | (v << 4)) & 0x0F0F0F0Fu;
+  v = (v | (v << 2)) & 0x33333333u;
+  v = (v | (v << 1)) & 0x55555555u;
+  return v;
+}
+
+// A sort key that puts rays which touch the same voxels next to each other: the ray's main index-space axis, then
+// the Morton code (1-voxel cells) of its clipped midpoint across the two other axes. Rays that miss sort last.
+// Why: a ray reads one cache line per voxel step, and neighbouring rays read the same lines only when they are
+// processed close together in time; the caller's ray order (e.g. image rows) often walks the slowest memory axis.
+template <typename T>
+TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
+  if (!r.hit) return ~uint64_t(0);
+  const T ad0 = r.d[0] < T(0) ? -r.d[0] : r.d[0], ad1 = r.d[1] < T(0) ? -r.d[1] : r.d[1];
+  const T ad2 = r.d[2] < T(0) ? -r.d[2] : r.d[2];
+  const int main_axis = (ad0 >= ad1 && ad0 >= ad2) ? 0 : (ad1 >= ad2 ? 1 : 2);
+  const T mid = T(0.5) * (r.alpha_min + r.alpha_max);
+  uint64_t cell[2];
+  int n = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (a == main_axis) continue;
+    T x = r.s[a] + mid * r.d[a] + T(0.5);
+    x = x < T(0) ? T(0) : (x > T(65535) ? T(65535) : x);
+    cell[n++] = static_cast<uint64_t>(x);
+  }
+  return (static_cast<uint64_t>(main_axis) << 40) | (spread_bits_16(cell[0]) << 1) | spread_bits_16(cell[1]);
+}
+
 // Index of the voxel a ray enters at parameter `alpha` along axis a, resolving a point that lies on a face in the
 // direction of travel (the voxel after the face), and clamped into the grid.
 template <typename T>
@@ -151,36 +184,49 @@ TDRR_HD int64_t entry_voxel(T x, T d, int64_t n) {
   return i < 0 ? 0 : (i >= n ? n - 1 : i);
 }
 
-// Walks the voxels a clipped ray crosses, in order (Siddon/Jacobs incremental traversal, no sort).
-// For each voxel it calls visit(offset, a0, a1, axis), where offset is the voxel's element offset, [a0, a1] the
-// parameter interval inside it (a1 >= a0), and axis the axis of the face crossed at a0 (-1 at a source inside the
-// volume, and the entry axis for the first voxel).
-template <typename T, typename Visitor>
-TDRR_HD void siddon_walk(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
-  int64_t idx[3], step[3];
-  T alpha_next[3];
-  int64_t offset = 0;
+// The voxels a clipped ray crosses, in order (Siddon/Jacobs incremental traversal, no sort), one per call of next().
+// A resumable cursor rather than a loop so that a CPU thread can interleave several rays and overlap their cache
+// misses; siddon_walk() below is the plain loop over one ray.
+template <typename T>
+struct SiddonCursor {
+  int64_t idx[3];
+  int64_t step[3];
+  int64_t offset;      // element offset of the current voxel
+  T alpha_next[3];     // parameter of the next face on each axis
+  T alpha;             // parameter where the current voxel starts
+  int axis;            // axis of the face crossed at `alpha` (-1 at a source inside the volume)
+  bool done;
+  // Termination needs no step counter: each step moves one index monotonically toward a bound that ends the walk,
+  // and a NaN or infinite crossing ends it at once.
+
+  TDRR_HD void start(const VolumeGeometry<T>& g, const ClippedRay<T>& r) {
+    offset = 0;
 #pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    const T x = r.s[a] + r.alpha_min * r.d[a];
-    idx[a] = entry_voxel(x, r.d[a], g.size[a]);
-    offset += idx[a] * g.voxel_stride[a];
-    if (r.d[a] > T(0)) {
-      step[a] = 1;
-      alpha_next[a] = plane_alpha(T(idx[a]) + T(0.5), r.s[a], r.inv_d[a]);
-    } else if (r.d[a] < T(0)) {
-      step[a] = -1;
-      alpha_next[a] = plane_alpha(T(idx[a]) - T(0.5), r.s[a], r.inv_d[a]);
-    } else {
-      step[a] = 0;
-      alpha_next[a] = INFINITY;
+    for (int a = 0; a < 3; ++a) {
+      const T x = r.s[a] + r.alpha_min * r.d[a];
+      idx[a] = entry_voxel(x, r.d[a], g.size[a]);
+      offset += idx[a] * g.voxel_stride[a];
+      if (r.d[a] > T(0)) {
+        step[a] = 1;
+        alpha_next[a] = plane_alpha(T(idx[a]) + T(0.5), r.s[a], r.inv_d[a]);
+      } else if (r.d[a] < T(0)) {
+        step[a] = -1;
+        alpha_next[a] = plane_alpha(T(idx[a]) - T(0.5), r.s[a], r.inv_d[a]);
+      } else {
+        step[a] = 0;
+        alpha_next[a] = INFINITY;
+      }
     }
+    alpha = r.alpha_min;
+    axis = r.axis_min;
+    done = !r.hit;
   }
-  T alpha = r.alpha_min;
-  int axis = r.axis_min;
-  // A ray crosses at most I + J + K faces; the bound only guards against a malformed input looping forever.
-  const int64_t max_steps = g.size[0] + g.size[1] + g.size[2] + 3;
-  for (int64_t n = 0; n < max_steps; ++n) {
+
+  // Reports the current voxel (its offset, the parameter interval [a0, a1] inside it, a1 >= a0, and the axis of the
+  // face crossed at a0) and moves to the next one. Returns false once the ray has left the volume.
+  TDRR_HD bool next(const VolumeGeometry<T>& g, const ClippedRay<T>& r, int64_t& voxel, T& a0, T& a1,
+                    int& crossed_axis) {
+    if (done) return false;
     int next_axis = 0;
     if (alpha_next[1] < alpha_next[next_axis]) next_axis = 1;
     if (alpha_next[2] < alpha_next[next_axis]) next_axis = 2;
@@ -189,16 +235,37 @@ TDRR_HD void siddon_walk(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vis
     T end = last ? r.alpha_max : crossing;
     // Rounding can put a crossing a hair before the current parameter; that voxel then has zero length.
     end = end > alpha ? end : alpha;
-    visit(offset, alpha, end, axis);
-    if (last) break;
+    voxel = offset;
+    a0 = alpha;
+    a1 = end;
+    crossed_axis = axis;
+    if (last) {
+      done = true;
+      return true;
+    }
     alpha = end;
     idx[next_axis] += step[next_axis];
-    if (idx[next_axis] < 0 || idx[next_axis] >= g.size[next_axis]) break;
+    if (idx[next_axis] < 0 || idx[next_axis] >= g.size[next_axis]) {
+      done = true;
+      return true;
+    }
     offset += step[next_axis] * g.voxel_stride[next_axis];
     alpha_next[next_axis] =
         plane_alpha(T(idx[next_axis]) + T(0.5) * T(step[next_axis]), r.s[next_axis], r.inv_d[next_axis]);
     axis = next_axis;
+    return true;
   }
+};
+
+// Calls visit(offset, a0, a1, axis) for each voxel the ray crosses, in order (see SiddonCursor::next).
+template <typename T, typename Visitor>
+TDRR_HD void siddon_walk(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
+  SiddonCursor<T> cursor;
+  cursor.start(g, r);
+  int64_t voxel;
+  T a0, a1;
+  int axis;
+  while (cursor.next(g, r, voxel, a0, a1, axis)) visit(voxel, a0, a1, axis);
 }
 
 // Number of trilinear samples: ceil(L / step) for the world length L inside the outer box (at least 1 on a hit).
