@@ -154,11 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
   const at::Tensor volume = dense_volume(volume_in);
   const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
   const int64_t n_rays = sources.size(0), channels = volume.size(0);
-  TORCH_CHECK_VALUE(grad_output_in.dim() == 2 && grad_output_in.size(0) == n_rays &&
-                        grad_output_in.size(1) == channels && grad_output_in.device() == volume.device() &&
-                        grad_output_in.scalar_type() == volume.scalar_type(),
-                    "raycast_backward: grad_output must be [N, C] = [", n_rays, ", ", channels,
-                    "] with the volume's dtype and device, got ", grad_output_in.sizes());
+  check_grad_output(grad_output_in, volume, n_rays);
   const at::Tensor grad_output = grad_output_in.contiguous();
   // The volume gradient shares the volume's strides so that voxel offsets mean the same thing in both.
   at::Tensor grad_volume = volume_grad ? at::zeros_like(volume) : at::empty({0}, volume.options());

@@ -108,17 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cuda(const at::T
   const at::Tensor volume = dense_volume(volume_in);
   const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
   const int64_t n_rays = sources.size(0), channels = volume.size(0);
-  TORCH_CHECK_VALUE(grad_output_in.dim() == 2 && grad_output_in.size(0) == n_rays &&
-                        grad_output_in.size(1) == channels && grad_output_in.device() == volume.device() &&
-                        grad_output_in.scalar_type() == volume.scalar_type(),
-                    "raycast_backward: grad_output must be [N, C] = [", n_rays, ", ", channels,
-                    "] with the volume's dtype and device, got ", grad_output_in.sizes());
+  check_grad_output(grad_output_in, volume, n_rays);
   const at::Tensor grad_output = grad_output_in.contiguous();
   at::Tensor grad_volume = volume_grad ? at::zeros_like(volume) : at::empty({0}, volume.options());
   at::Tensor grad_sources = rays_grad ? at::empty({n_rays, 3}, volume.options()) : at::empty({0}, volume.options());
   at::Tensor grad_targets = rays_grad ? at::empty({n_rays, 3}, volume.options()) : at::empty({0}, volume.options());
   if (n_rays == 0 || (!volume_grad && !rays_grad)) return {grad_volume, grad_sources, grad_targets};
-  TORCH_INTERNAL_ASSERT(!volume_grad || grad_volume.strides() == volume.strides());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "raycast_backward_cuda", [&] {
     const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);

@@ -1,0 +1,100 @@
+// Host-side validation and setup of the raycast ops (see raycast.h for why this is not in the .cu file).
+#include <algorithm>
+#include <cmath>
+
+#include "raycast.h"
+
+namespace torchdrr {
+
+// TORCH_CHECK_VALUE raises ValueError and TORCH_CHECK_TYPE raises TypeError in Python.
+void check_raycast_inputs(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
+                          const at::Tensor& targets, int64_t mode, double step, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(volume.dim() == 4, "raycast: volume must be [C, I, J, K], got shape ", volume.sizes());
+  TORCH_CHECK_VALUE(volume.size(0) >= 1 && volume.size(1) >= 1 && volume.size(2) >= 1 && volume.size(3) >= 1,
+                    "raycast: volume must have at least one channel and one voxel per axis, got shape ",
+                    volume.sizes());
+  TORCH_CHECK_TYPE(volume.scalar_type() == at::kFloat || volume.scalar_type() == at::kDouble,
+                   "raycast: volume must be float32 or float64, got ", volume.scalar_type());
+  TORCH_CHECK_TYPE(sources.scalar_type() == volume.scalar_type() && targets.scalar_type() == volume.scalar_type(),
+                   "raycast: sources and targets must have the volume's dtype ", volume.scalar_type(), ", got ",
+                   sources.scalar_type(), " and ", targets.scalar_type());
+  TORCH_CHECK_VALUE(sources.dim() == 2 && sources.size(1) == 3 && targets.sizes() == sources.sizes(),
+                    "raycast: sources and targets must both be [N, 3], got ", sources.sizes(), " and ",
+                    targets.sizes());
+  TORCH_CHECK_VALUE(volume.device().type() == device && sources.device() == volume.device() &&
+                        targets.device() == volume.device(),
+                    "raycast: volume, sources and targets must be on one ", c10::DeviceTypeName(device),
+                    " device, got ", volume.device(), ", ", sources.device(), " and ", targets.device());
+  TORCH_CHECK_VALUE(affine.dim() == 2 && affine.size(0) == 4 && affine.size(1) == 4,
+                    "raycast: affine must be [4, 4], got ", affine.sizes());
+  TORCH_CHECK_VALUE(affine.device().is_cpu() && affine.scalar_type() == at::kDouble,
+                    "raycast: the op takes the affine as a float64 CPU tensor, got ", affine.scalar_type(), " on ",
+                    affine.device());
+  TORCH_CHECK_VALUE(mode == kSiddon || mode == kTrilinear, "raycast: mode must be 0 (siddon) or 1 (trilinear), got ",
+                    mode);
+  TORCH_CHECK_VALUE(mode == kSiddon || (std::isfinite(step) && step >= 0.0),
+                    "raycast: trilinear step must be a positive finite number of mm (0 for the default), got ", step);
+}
+
+template <typename T>
+VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affine) {
+  const at::Tensor a = affine.contiguous();
+  const double* m = a.data_ptr<double>();
+  for (int e = 0; e < 16; ++e) {
+    TORCH_CHECK_VALUE(std::isfinite(m[e]), "raycast: affine must be finite, got ", affine);
+  }
+  TORCH_CHECK_VALUE(m[12] == 0.0 && m[13] == 0.0 && m[14] == 0.0 && m[15] == 1.0,
+                    "raycast: affine's last row must be [0, 0, 0, 1], got ", affine);
+  // Inverse of the 3x3 linear part by cofactors.
+  const double a00 = m[0], a01 = m[1], a02 = m[2], a10 = m[4], a11 = m[5], a12 = m[6], a20 = m[8], a21 = m[9],
+               a22 = m[10];
+  const double c00 = a11 * a22 - a12 * a21, c01 = a12 * a20 - a10 * a22, c02 = a10 * a21 - a11 * a20;
+  const double det = a00 * c00 + a01 * c01 + a02 * c02;
+  double scale = 0.0;
+  for (int r = 0; r < 3; ++r)
+    for (int c = 0; c < 3; ++c) scale = std::max(scale, std::abs(m[4 * r + c]));
+  TORCH_CHECK_VALUE(std::abs(det) > 1e-12 * scale * scale * scale && scale > 0.0,
+                    "raycast: affine's 3x3 part must be invertible, got ", affine);
+  const double inv[3][3] = {
+      {c00 / det, (a02 * a21 - a01 * a22) / det, (a01 * a12 - a02 * a11) / det},
+      {c01 / det, (a00 * a22 - a02 * a20) / det, (a02 * a10 - a00 * a12) / det},
+      {c02 / det, (a01 * a20 - a00 * a21) / det, (a00 * a11 - a01 * a10) / det},
+  };
+  VolumeGeometry<T> g;
+  for (int r = 0; r < 3; ++r) {
+    double offset = 0.0;
+    for (int c = 0; c < 3; ++c) {
+      g.world_to_index[r][c] = static_cast<T>(inv[r][c]);
+      offset -= inv[r][c] * m[4 * c + 3];
+    }
+    g.index_offset[r] = static_cast<T>(offset);
+    g.size[r] = volume.size(r + 1);
+    g.voxel_stride[r] = volume.stride(r + 1);
+  }
+  g.channel_stride = volume.stride(0);
+  return g;
+}
+
+double trilinear_step_mm(const at::Tensor& affine, double requested) {
+  if (requested > 0.0) return requested;
+  const at::Tensor a = affine.contiguous();
+  const double* m = a.data_ptr<double>();
+  double smallest = INFINITY;
+  for (int c = 0; c < 3; ++c) {
+    smallest = std::min(smallest, std::sqrt(m[c] * m[c] + m[4 + c] * m[4 + c] + m[8 + c] * m[8 + c]));
+  }
+  return 0.5 * smallest;
+}
+
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t n_rays) {
+  const int64_t channels = volume.size(0);
+  TORCH_CHECK_VALUE(grad_output.dim() == 2 && grad_output.size(0) == n_rays && grad_output.size(1) == channels &&
+                        grad_output.device() == volume.device() && grad_output.scalar_type() == volume.scalar_type(),
+                    "raycast_backward: grad_output must be [N, C] = [", n_rays, ", ", channels,
+                    "] with the volume's dtype and device, got ", grad_output.sizes());
+}
+
+template VolumeGeometry<float> make_geometry<float>(const at::Tensor&, const at::Tensor&);
+template VolumeGeometry<double> make_geometry<double>(const at::Tensor&, const at::Tensor&);
+
+}  // namespace torchdrr
