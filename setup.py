@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -58,7 +59,31 @@ def _default_arch_list() -> str:
     return ";".join(archs)
 
 
+def _check_cxx_links_libstdcxx_dynamically() -> None:
+    """Stops the build when the C++ compiler can only link libstdc++ statically.
+
+    Such an extension carries its own copy of libstdc++ beside the one torch uses; the two disagree on locale
+    facets, and the first error message that formats a number crashes the process (seen with a GCC that had no
+    libstdc++.so on a GPU machine). A compiler that finds libstdc++.so prints its full path here.
+    """
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        found = subprocess.run(
+            [*cxx.split(), "-print-file-name=libstdc++.so"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return  # not a GCC-style driver; nothing to check
+    if found and os.sep not in found:
+        sys.exit(
+            f"The C++ compiler {cxx!r} has no libstdc++.so, so it would link libstdc++ statically into torchdrr._C, "
+            "which crashes at run time next to torch's own libstdc++. Build with a compiler that links it "
+            "dynamically, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++."
+        )
+
+
 def extensions():
+    if sys.platform.startswith("linux"):
+        _check_cxx_links_libstdcxx_dynamically()
     sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.rglob("*.cpp"))]
     with_cuda = _want_cuda()
     cxx_flags = ["-O3", "-std=c++17", f'-DTORCHDRR_TORCH_VERSION="{torch.__version__}"']

@@ -7,6 +7,8 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/out/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/.carry/pylib${PYTHONPATH:+:$PYTHONPATH}"
+# The image's default CC/CXX (/opt/gcc) links libstdc++ statically, which setup.py refuses; use the system GCC.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCHDRR_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
