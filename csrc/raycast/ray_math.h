@@ -153,29 +153,6 @@ TDRR_HD uint64_t spread_bits_16(uint64_t v) {
   return v;
 }
 
-// A sort key that puts rays which touch the same voxels next to each other: the ray's main index-space axis, then
-// the Morton code (1-voxel cells) of its clipped midpoint across the two other axes. Rays that miss sort last.
-// Why: a ray reads one cache line per voxel step, and neighbouring rays read the same lines only when they are
-// processed close together in time; the caller's ray order (e.g. image rows) often walks the slowest memory axis.
-template <typename T>
-TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
-  if (!r.hit) return ~uint64_t(0);
-  const T ad0 = r.d[0] < T(0) ? -r.d[0] : r.d[0], ad1 = r.d[1] < T(0) ? -r.d[1] : r.d[1];
-  const T ad2 = r.d[2] < T(0) ? -r.d[2] : r.d[2];
-  const int main_axis = (ad0 >= ad1 && ad0 >= ad2) ? 0 : (ad1 >= ad2 ? 1 : 2);
-  const T mid = T(0.5) * (r.alpha_min + r.alpha_max);
-  uint64_t cell[2];
-  int n = 0;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    if (a == main_axis) continue;
-    T x = r.s[a] + mid * r.d[a] + T(0.5);
-    x = x < T(0) ? T(0) : (x > T(65535) ? T(65535) : x);
-    cell[n++] = static_cast<uint64_t>(x);
-  }
-  return (static_cast<uint64_t>(main_axis) << 40) | (spread_bits_16(cell[0]) << 1) | spread_bits_16(cell[1]);
-}
-
 // Index of the voxel a ray enters at parameter `alpha` along axis a, resolving a point that lies on a face in the
 // direction of travel (the voxel after the face), and clamped into the grid.
 template <typename T>
@@ -256,6 +233,121 @@ struct SiddonCursor {
     return true;
   }
 };
+
+// Siddon forward of one ray whose largest index-space direction component is on axis M, walked as runs of whole
+// voxels along M between the crossings of the two other axes. Why: inside such a run every voxel's segment has the
+// same parameter length |1/d_M|, so the inner loop is a strided sum whose loads do not depend on each other (a CPU
+// overlaps their cache misses) instead of a chain of per-voxel plane comparisons. The segments are Siddon's: the
+// partial voxels at the ends of a run use the same plane expressions as SiddonCursor. Adds the parameter-space
+// integral of each channel (sum of value x parameter length) to acc[0..channels).
+template <typename T, int MaxC, int M>
+TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>& r, const T* __restrict__ volume,
+                                 int channels, T* acc) {
+  constexpr int kA = (M + 1) % 3, kB = (M + 2) % 3;
+  if (!r.hit) return;
+  int64_t idx[3], step[3], offset = 0;
+  T next[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const T x = r.s[a] + r.alpha_min * r.d[a];
+    idx[a] = entry_voxel(x, r.d[a], g.size[a]);
+    offset += idx[a] * g.voxel_stride[a];
+    step[a] = r.d[a] > T(0) ? 1 : (r.d[a] < T(0) ? -1 : 0);
+    next[a] = step[a] == 0 ? T(INFINITY) : plane_alpha(T(idx[a]) + T(0.5) * T(step[a]), r.s[a], r.inv_d[a]);
+  }
+  const T delta_m = r.inv_d[M] < T(0) ? -r.inv_d[M] : r.inv_d[M];  // parameter length of one voxel along M
+  const int64_t offset_step_m = step[M] * g.voxel_stride[M];
+  T alpha = r.alpha_min;
+  // Adds the current voxel's part [alpha, end] (never negative: rounding can order two crossings a hair apart).
+  auto add_partial = [&](T end) {
+    const T length = end > alpha ? end - alpha : T(0);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) {
+      if (c < channels) acc[c] += volume[offset + c * g.channel_stride] * length;
+    }
+  };
+  // Every pass crosses at least one plane or ends the ray, and indices only move toward the grid's edges.
+  const int64_t max_passes = g.size[0] + g.size[1] + g.size[2] + 3;
+  for (int64_t pass = 0; pass < max_passes; ++pass) {
+    const T side = next[kA] < next[kB] ? next[kA] : next[kB];
+    const T limit = side < r.alpha_max ? side : r.alpha_max;
+    if (next[M] < limit) {
+      // Cross the planes of M that come before `limit`, staying inside the grid.
+      const int64_t left = step[M] > 0 ? g.size[M] - 1 - idx[M] : idx[M];
+      if (left <= 0) {  // only rounding puts the outer face before alpha_max
+        add_partial(next[M] < r.alpha_max ? next[M] : r.alpha_max);
+        return;
+      }
+      int64_t n = static_cast<int64_t>(ceil((limit - next[M]) / delta_m));
+      n = n < 1 ? 1 : (n > left ? left : n);
+      add_partial(next[M]);
+      offset += offset_step_m;
+      T run[MaxC];
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) run[c] = T(0);
+      for (int64_t j = 1; j < n; ++j) {
+#pragma unroll
+        for (int c = 0; c < MaxC; ++c) {
+          if (c < channels) run[c] += volume[offset + c * g.channel_stride];
+        }
+        offset += offset_step_m;
+      }
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) acc[c] += run[c] * delta_m;
+      idx[M] += n * step[M];
+      alpha = plane_alpha(T(idx[M]) - T(0.5) * T(step[M]), r.s[M], r.inv_d[M]);
+      next[M] = plane_alpha(T(idx[M]) + T(0.5) * T(step[M]), r.s[M], r.inv_d[M]);
+      continue;
+    }
+    if (!(side < r.alpha_max)) {  // nothing crossed before the exit
+      add_partial(r.alpha_max);
+      return;
+    }
+    // A face of one of the two other axes comes next.
+    add_partial(side);
+    alpha = side > alpha ? side : alpha;
+    if (next[kA] <= next[kB]) {
+      idx[kA] += step[kA];
+      if (idx[kA] < 0 || idx[kA] >= g.size[kA]) return;
+      offset += step[kA] * g.voxel_stride[kA];
+      next[kA] = plane_alpha(T(idx[kA]) + T(0.5) * T(step[kA]), r.s[kA], r.inv_d[kA]);
+    } else {
+      idx[kB] += step[kB];
+      if (idx[kB] < 0 || idx[kB] >= g.size[kB]) return;
+      offset += step[kB] * g.voxel_stride[kB];
+      next[kB] = plane_alpha(T(idx[kB]) + T(0.5) * T(step[kB]), r.s[kB], r.inv_d[kB]);
+    }
+  }
+}
+
+// The axis of a clipped ray's largest direction component (what siddon_forward_runs and ray_locality_key use).
+template <typename T>
+TDRR_HD int main_axis(const ClippedRay<T>& r) {
+  const T ad0 = r.d[0] < T(0) ? -r.d[0] : r.d[0], ad1 = r.d[1] < T(0) ? -r.d[1] : r.d[1];
+  const T ad2 = r.d[2] < T(0) ? -r.d[2] : r.d[2];
+  return (ad0 >= ad1 && ad0 >= ad2) ? 0 : (ad1 >= ad2 ? 1 : 2);
+}
+
+// A sort key that puts rays which touch the same voxels next to each other: the ray's main index-space axis, then
+// the Morton code (1-voxel cells) of its clipped midpoint across the two other axes. Rays that miss sort last.
+// Why: a ray reads one cache line per voxel step, and neighbouring rays read the same lines only when they are
+// processed close together in time; the caller's ray order (e.g. image rows) often walks the slowest memory axis.
+template <typename T>
+TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
+  if (!r.hit) return ~uint64_t(0);
+  const int axis = main_axis(r);
+  const T mid = T(0.5) * (r.alpha_min + r.alpha_max);
+  uint64_t cell[2];
+  int n = 0;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    if (a == axis) continue;
+    T x = r.s[a] + mid * r.d[a] + T(0.5);
+    x = x < T(0) ? T(0) : (x > T(65535) ? T(65535) : x);
+    cell[n++] = static_cast<uint64_t>(x);
+  }
+  return (static_cast<uint64_t>(axis) << 40) | (spread_bits_16(cell[0]) << 1) | spread_bits_16(cell[1]);
+}
 
 // Calls visit(offset, a0, a1, axis) for each voxel the ray crosses, in order (see SiddonCursor::next).
 template <typename T, typename Visitor>
