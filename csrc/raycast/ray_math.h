@@ -451,14 +451,14 @@ TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict
   const ClippedRay<T> r = clip_ray(g, to_index_space(g, s_world), to_index_space(g, t_world));
   if (r.hit) {
     if (!trilinear) {
-      auto visit = [&](int64_t offset, T a0, T a1, int) {
-        const T dl = a1 - a0;
-#pragma unroll
-        for (int c = 0; c < MaxC; ++c) {
-          if (c < channels) acc[c] += volume[offset + c * g.channel_stride] * dl;
-        }
-      };
-      siddon_walk(g, r, visit);
+      const int axis = main_axis(r);
+      if (axis == 0) {
+        siddon_forward_runs<T, MaxC, 0>(g, r, volume, channels, acc);
+      } else if (axis == 1) {
+        siddon_forward_runs<T, MaxC, 1>(g, r, volume, channels, acc);
+      } else {
+        siddon_forward_runs<T, MaxC, 2>(g, r, volume, channels, acc);
+      }
 #pragma unroll
       for (int c = 0; c < MaxC; ++c) acc[c] *= length;
     } else {

@@ -36,36 +36,11 @@ inline void atomic_add(T* address, T value) {
   }
 }
 
-// Siddon forward of one ray that hits the volume, through the run-length walk for its main axis.
-template <typename T, int MaxC>
-void siddon_forward_ray(const VolumeGeometry<T>& g, const T* volume, int channels, int axis, const T* s, const T* t,
-                        T* out) {
-  const ClippedRay<T> r = clip_ray(g, to_index_space(g, s), to_index_space(g, t));
-  T acc[MaxC];
-  for (int c = 0; c < MaxC; ++c) acc[c] = T(0);
-  if (axis == 0) {
-    siddon_forward_runs<T, MaxC, 0>(g, r, volume, channels, acc);
-  } else if (axis == 1) {
-    siddon_forward_runs<T, MaxC, 1>(g, r, volume, channels, acc);
-  } else {
-    siddon_forward_runs<T, MaxC, 2>(g, r, volume, channels, acc);
-  }
-  const T length = world_length(s, t);
-  for (int c = 0; c < channels; ++c) out[c] = acc[c] * length;
-}
-
-// Rays that miss the volume or have non-finite endpoints get this key (and sort last).
-constexpr uint64_t kNoWalk = ~uint64_t(0);
-
-struct RayOrder {
-  std::vector<int64_t> order;  // ray indices in processing order
-  std::vector<uint64_t> keys;  // per ray (not per position): ray_locality_key, kNoWalk for rays with no walk
-  int main_axis_at(int64_t position) const { return static_cast<int>(keys[order[position]] >> 40); }
-  bool walks_at(int64_t position) const { return keys[order[position]] != kNoWalk; }
-};
-
+// The order in which to process rays: sorted by ray_locality_key, so that each thread's consecutive rays reuse the
+// cache lines of the volume (2.6x faster on a 512 x 512 x 133 CT in an AP view than image-row order). Rays that miss
+// or have non-finite endpoints sort last.
 template <typename T>
-RayOrder locality_order(const VolumeGeometry<T>& geometry, const T* sources, const T* targets, int64_t n_rays) {
+std::vector<int64_t> locality_order(const VolumeGeometry<T>& geometry, const T* sources, const T* targets, int64_t n_rays) {
   std::vector<uint64_t> keys(n_rays);
   at::parallel_for(0, n_rays, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t ray = begin; ray < end; ++ray) {
@@ -73,13 +48,13 @@ RayOrder locality_order(const VolumeGeometry<T>& geometry, const T* sources, con
       const T* t = targets + 3 * ray;
       keys[ray] = all_finite(s) && all_finite(t)
                       ? ray_locality_key(clip_ray(geometry, to_index_space(geometry, s), to_index_space(geometry, t)))
-                      : kNoWalk;
+                      : ~uint64_t(0);
     }
   });
   std::vector<int64_t> order(n_rays);
   std::iota(order.begin(), order.end(), int64_t(0));
   std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return keys[a] < keys[b]; });
-  return {std::move(order), std::move(keys)};
+  return order;
 }
 
 at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& affine, const at::Tensor& sources_in,
@@ -98,34 +73,16 @@ at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& af
     scalar_t* result = out.mutable_data_ptr<scalar_t>();
     const bool trilinear = mode == kTrilinear;
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
-    const RayOrder ray_order = locality_order(geometry, src, tgt, n_rays);
-    const std::vector<int64_t>& order = ray_order.order;
+    const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays);
     dispatch_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
-      // One ray the general way: trilinear rays, and Siddon rays that miss or have non-finite endpoints.
-      auto one_ray = [&](int64_t ray) {
-        for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
-          const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
-          raycast_ray_forward<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray,
-                                               tgt + 3 * ray, trilinear, step_mm, result + ray * channels + c0);
-        }
-      };
       at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
-        if (trilinear) {
-          for (int64_t position = begin; position < end; ++position) one_ray(order[position]);
-          return;
-        }
         for (int64_t position = begin; position < end; ++position) {
           const int64_t ray = order[position];
-          if (!ray_order.walks_at(position)) {
-            one_ray(ray);
-            continue;
-          }
-          const int axis = ray_order.main_axis_at(position);
           for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
             const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
-            siddon_forward_ray<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk, axis,
-                                                src + 3 * ray, tgt + 3 * ray, result + ray * channels + c0);
+            raycast_ray_forward<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray,
+                                                 tgt + 3 * ray, trilinear, step_mm, result + ray * channels + c0);
           }
         }
       });
@@ -163,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
     scalar_t* gtgt = rays_grad ? grad_targets.mutable_data_ptr<scalar_t>() : nullptr;
     const bool trilinear = mode == kTrilinear;
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
-    const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays).order;
+    const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays);
     dispatch_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
       at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
