@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         mu = hu_to_mu(hu).to(device)
         sizes = args.sizes or (["200x200", "512x512", "1240x960"] if gpu else ["200x200", "512x512"])
         repeats = args.repeats or (20 if gpu else 5)
+        peers_python = args.peers_python
+        if peers_python is None:
+            venv = ROOT / ".venv-peers" / "bin" / "python"
+            peers_python = str(venv) if venv.exists() and not gpu else (sys.executable if gpu else "")
         for size in sizes:
             height, width = (int(x) for x in size.lower().split("x"))
             for batch in args.batches:
@@ -177,15 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(row)
                         print(f"  {row['renderer']:<20} {device_name:<5} {size:>9} b{batch:<3} {label:<15} "
                               f"{median:10.2f} ms", flush=True)  # fmt: skip
-
-        peers_python = args.peers_python
-        if peers_python is None:
-            venv = ROOT / ".venv-peers" / "bin" / "python"
-            peers_python = str(venv) if venv.exists() and not gpu else (sys.executable if gpu else "")
-        if peers_python:
-            for size in args.peer_sizes:
-                height, width = (int(x) for x in size.lower().split("x"))
-                for batch in args.batches:
+                # The peers right after our rows at this size, so that both see the machine in the same state.
+                if peers_python and size in args.peer_sizes:
                     backend = "auto" if gpu else "torch"
                     for peer in run_peers(peers_python, ct, height, width, batch, device_name, backend, repeats):
                         peer_row = dict(
