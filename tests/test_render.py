@@ -140,3 +140,16 @@ def test_cli_help_explains(capsys) -> None:
 
 def test_volume_center() -> None:
     torch.testing.assert_close(volume_center(AFFINE, SHAPE), torch.zeros(3, dtype=torch.float64))
+
+
+def test_sketch_draws_the_scene_and_the_cli_writes_it(tmp_path) -> None:
+    from torchdrr.geometry.sketch import sketch_carm_scene
+
+    picture = np.asarray(sketch_carm_scene((20, 20, 10), AFFINE, 30.0, 10.0, size_px=320))
+    assert picture.shape[1] == 320 and picture.shape[2] == 3
+    assert (picture.sum(-1) < 100).sum() > 50  # the source marker and outlines are drawn in black
+    assert (picture[..., 0] > 150).any() and (picture[..., 2] > 150).any()  # coloured axes
+    out = tmp_path / "scene.png"
+    assert main(["sketch", "--view", "left-lateral", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] == 640
+    assert main(["sketch", "--ct", str(tmp_path / "missing.nii.gz"), "--out", str(out)]) == 2

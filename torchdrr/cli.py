@@ -56,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     render.add_argument("--out", type=Path, default=Path("drr.png"), help="output PNG")
 
+    sketch = commands.add_parser(
+        "sketch",
+        help="draw the C-arm scene (volume box, patient axes, source, detector) to a PNG",
+        description="Draw a 3D sketch of the scene of one C-arm pose: the CT's outer box, the patient axes R/A/S from "
+        "its centre, the source, the detector with pixel (0, 0) marked, and the corner rays. It is drawn from the same "
+        "camera code that casts the rays.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sketch.add_argument("--ct", type=Path, default=None, help="NIfTI CT file (default: the bundled chest CT)")
+    sketch.add_argument("--view", default="PA", type=str.lower, choices=sorted(_VIEW_ALIASES), help="named view")
+    sketch.add_argument("--angles", nargs=2, type=float, metavar=("PRIMARY", "SECONDARY"), help="overrides --view")
+    sketch.add_argument("--out", type=Path, default=Path("scene.png"), help="output PNG")
+
     commands.add_parser("info", help="print how torchdrr was built and what it sees (JSON)")
     return parser
 
@@ -66,14 +79,7 @@ def _render(args: argparse.Namespace) -> None:
     from .io import bundled_ct_path, load_nifti
     from .render import hu_to_mu, render_carm, save_png, to_display
 
-    if args.angles is not None:
-        primary, secondary = args.angles
-        label = f"angles ({primary:g}, {secondary:g})"
-    else:
-        from .geometry import NAMED_VIEWS
-
-        primary, secondary = NAMED_VIEWS[_VIEW_ALIASES[args.view]]
-        label = f"view {_VIEW_ALIASES[args.view]}"
+    primary, secondary, label = _angles(args)
     rows, cols = args.size
     if rows < 1 or cols < 1:
         raise ValueError(f"--size must be two positive pixel counts, got {rows} {cols}")
@@ -110,12 +116,49 @@ def _render(args: argparse.Namespace) -> None:
     )
 
 
+def _angles(args: argparse.Namespace) -> tuple[float, float, str]:
+    if args.angles is not None:
+        primary, secondary = args.angles
+        return primary, secondary, f"angles ({primary:g}, {secondary:g})"
+    from .geometry import NAMED_VIEWS
+
+    name = _VIEW_ALIASES[args.view]
+    return (*NAMED_VIEWS[name], f"view {name}")
+
+
+def _sketch(args: argparse.Namespace) -> None:
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from .geometry.sketch import sketch_carm_scene
+    from .io import bundled_ct_path
+    from .render import save_png
+
+    ct_path = args.ct if args.ct is not None else bundled_ct_path()
+    if not ct_path.is_file():
+        raise FileNotFoundError(f"CT file not found: {ct_path}")
+    header = nib.load(str(ct_path))  # only the header and affine are needed
+    primary, secondary, label = _angles(args)
+    picture = sketch_carm_scene(
+        tuple(header.shape[:3]),
+        torch.from_numpy(np.asarray(header.affine, dtype=np.float64)),
+        primary,
+        secondary,
+        title=f"{label}: primary {primary:g} deg, secondary {secondary:g} deg; SOD 850 mm, SDD 1020 mm",
+    )
+    out = save_png(np.asarray(picture), args.out)
+    print(f"wrote {out} ({label})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 success, 2 user error, 1 unexpected failure)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "render":
             _render(args)
+        elif args.command == "sketch":
+            _sketch(args)
         elif args.command == "info":
             from . import build_info
 
