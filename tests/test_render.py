@@ -153,3 +153,38 @@ def test_sketch_draws_the_scene_and_the_cli_writes_it(tmp_path) -> None:
     assert main(["sketch", "--view", "left-lateral", "--out", str(out)]) == 0
     assert Image.open(out).size[0] == 640
     assert main(["sketch", "--ct", str(tmp_path / "missing.nii.gz"), "--out", str(out)]) == 2
+
+
+def _pose(primary=25.0, secondary=-10.0):
+    return carm_extrinsics(primary, secondary, 800.0, torch.tensor([3.0, -4.0, 5.0], dtype=torch.float64))
+
+
+def test_supersampled_rays_average_to_the_pixel_ray() -> None:
+    from torchdrr.geometry import pixel_rays
+
+    K = intrinsic_matrix(1000.0, 6, 8, (1.2, 1.5))
+    R, t = _pose()
+    _, plain = pixel_rays(K, R, t, 6, 8, 1000.0)
+    _, fine = pixel_rays(K, R, t, 6, 8, 1000.0, supersample=3)
+    assert fine.shape == (1, 6 * 8 * 9, 3)
+    grouped = fine.reshape(1, 6, 8, 9, 3)
+    torch.testing.assert_close(grouped.mean(3).reshape(1, -1, 3), plain)
+    spread = (grouped - grouped.mean(3, keepdim=True)).norm(dim=-1).amax()
+    assert 0.5 < float(spread) < 1.5  # sub-rays really span the pixel (pitch 1.2 x 1.5 mm, corners at 1/3 pixel)
+    with pytest.raises(ValueError, match="supersample must be"):
+        pixel_rays(K, R, t, 6, 8, 1000.0, supersample=0)
+
+
+def test_cropped_and_binned_intrinsics_give_the_matching_rays() -> None:
+    from torchdrr.geometry import pixel_rays
+    from torchdrr.geometry.camera import bin_intrinsics, crop_intrinsics
+
+    K = intrinsic_matrix(1000.0, 12, 16, (1.0, 1.0))
+    R, t = _pose()
+    _, full = pixel_rays(K, R, t, 12, 16, 1000.0)
+    full = full.reshape(12, 16, 3)
+    _, crop = pixel_rays(crop_intrinsics(K, top=3, left=5), R, t, 4, 6, 1000.0)
+    torch.testing.assert_close(crop.reshape(4, 6, 3), full[3:7, 5:11])
+    _, binned = pixel_rays(bin_intrinsics(K, 4), R, t, 3, 4, 1000.0)
+    block_centres = full.reshape(3, 4, 4, 4, 3).mean(dim=(1, 3))  # mean over each 4 x 4 block of pixel centres
+    torch.testing.assert_close(binned.reshape(3, 4, 3), block_centres)

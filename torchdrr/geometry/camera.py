@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["intrinsic_matrix", "pixel_rays"]
+__all__ = ["bin_intrinsics", "crop_intrinsics", "intrinsic_matrix", "pixel_rays"]
 
 
 def intrinsic_matrix(
@@ -50,7 +50,13 @@ def intrinsic_matrix(
 
 
 def pixel_rays(
-    intrinsics: Tensor, rotation: Tensor, translation: Tensor, height: int, width: int, sdd_mm: float
+    intrinsics: Tensor,
+    rotation: Tensor,
+    translation: Tensor,
+    height: int,
+    width: int,
+    sdd_mm: float,
+    supersample: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Source points and per-pixel detector points, in world mm, for a batch of poses.
 
@@ -61,11 +67,14 @@ def pixel_rays(
         height: detector rows.
         width: detector columns.
         sdd_mm: source-to-detector distance (mm): the depth of the detector plane in the camera frame.
+        supersample: ``s`` >= 1 rays per pixel along each axis, through the centres of an ``s x s`` grid of
+            sub-pixels (offsets ``(k + 1/2) / s - 1/2`` pixel); 1 is one ray through each pixel centre.
 
     Returns:
-        ``sources`` ``[B, 1, 3]`` (the X-ray source, ``-R^T t``) and ``targets`` ``[B, height * width, 3]`` (pixel
-        centres on the detector, row-major), both in the dtype and device of ``rotation``. Differentiable with
-        respect to all tensor inputs.
+        ``sources`` ``[B, 1, 3]`` (the X-ray source, ``-R^T t``) and ``targets`` ``[B, height * width * s * s, 3]``
+        on the detector, ordered row, column, sub-row, sub-column (so ``reshape(B, H, W, s * s, 3)`` groups the
+        sub-rays of each pixel), in the dtype and device of ``rotation``. Differentiable with respect to all tensor
+        inputs.
     """
     rotation = rotation if rotation.dim() == 3 else rotation.unsqueeze(0)
     translation = translation if translation.dim() == 2 else translation.unsqueeze(0)
@@ -74,11 +83,17 @@ def pixel_rays(
             f"rotation must be [B, 3, 3] and translation [B, 3] with one B, got {tuple(rotation.shape)} and "
             f"{tuple(translation.shape)}"
         )
+    if isinstance(supersample, bool) or int(supersample) != supersample or supersample < 1:
+        raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")
     dtype, device = rotation.dtype, rotation.device
-    rows = torch.arange(height, dtype=dtype, device=device)
-    cols = torch.arange(width, dtype=dtype, device=device)
-    v, u = torch.meshgrid(rows, cols, indexing="ij")
-    pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1).reshape(-1, 3)  # [H*W, 3] homogeneous (u, v, 1)
+    offsets = (torch.arange(supersample, dtype=dtype, device=device) + 0.5) / supersample - 0.5
+    rows = (torch.arange(height, dtype=dtype, device=device)[:, None] + offsets).reshape(-1)  # [H * s]
+    cols = (torch.arange(width, dtype=dtype, device=device)[:, None] + offsets).reshape(-1)  # [W * s]
+    v, u = torch.meshgrid(rows, cols, indexing="ij")  # [H * s, W * s]
+    # Order row, column, sub-row, sub-column: [H, s, W, s] -> [H, W, s, s].
+    u = u.reshape(height, supersample, width, supersample).permute(0, 2, 1, 3).reshape(-1)
+    v = v.reshape(height, supersample, width, supersample).permute(0, 2, 1, 3).reshape(-1)
+    pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # [H*W*s*s, 3] homogeneous (u, v, 1)
     k_inv = torch.linalg.inv(intrinsics.to(dtype=dtype, device=device))
     # Points on the detector plane z = SDD in camera coordinates: SDD * K^-1 (u, v, 1).
     camera_points = sdd_mm * (pixels @ k_inv.transpose(-1, -2))
@@ -88,3 +103,31 @@ def pixel_rays(
     targets = (camera_points - translation.unsqueeze(1)) @ rotation
     sources = (-translation.unsqueeze(1)) @ rotation
     return sources, targets
+
+
+def crop_intrinsics(intrinsics: Tensor, top: int, left: int) -> Tensor:
+    """K of a detector crop whose pixel (0, 0) is pixel (top, left) of the full detector.
+
+    With the cropped K, ``pixel_rays(K_crop, R, t, h, w, sdd)`` gives exactly the rays of rows ``top .. top + h - 1``
+    and columns ``left .. left + w - 1`` of the full detector. ``intrinsics``: ``[..., 3, 3]``.
+    """
+    cropped = intrinsics.clone()
+    cropped[..., 0, 2] = intrinsics[..., 0, 2] - left
+    cropped[..., 1, 2] = intrinsics[..., 1, 2] - top
+    return cropped
+
+
+def bin_intrinsics(intrinsics: Tensor, factor: int) -> Tensor:
+    """K of the same detector read out in ``factor x factor`` bins (coarse-to-fine registration).
+
+    Binned pixel (r, c) covers full pixels ``factor * r .. factor * r + factor - 1`` (same for columns), so its centre
+    is the centre of that block: ``u_full = factor * u + (factor - 1) / 2``. The binned detector has
+    ``height // factor`` rows and ``width // factor`` columns (a remainder at the far edges is dropped).
+    ``intrinsics``: ``[..., 3, 3]``.
+    """
+    if isinstance(factor, bool) or int(factor) != factor or factor < 1:
+        raise ValueError(f"factor must be a whole number >= 1, got {factor!r}")
+    binned = intrinsics.clone()
+    binned[..., :2, :] = intrinsics[..., :2, :] / factor
+    binned[..., :2, 2] = (intrinsics[..., :2, 2] - (factor - 1) / 2.0) / factor
+    return binned
