@@ -223,3 +223,21 @@ def test_bright_voxel_centroid_matches_the_projection_at_random_poses() -> None:
         projected = K @ (R[0] @ centre + t[0])
         errors.append(float((measured - projected[:2] / projected[2]).norm()))
     assert max(errors) < 0.1, f"centroid errors (px): {sorted(errors)[-3:]}"
+
+
+def test_inplane_rotation_turns_the_displayed_image_counter_clockwise() -> None:
+    """A point shown right of the centre (east) moves to above it (north) for +90 degrees, and the source and the
+    detector direction do not move."""
+    isocenter = torch.zeros(3, dtype=torch.float64)
+    point = torch.tensor([-20.0, 0.0, 0.0], dtype=torch.float64)  # patient's left: image right at PA
+    K = intrinsic_matrix(1000.0, 41, 41, (1.0, 1.0))
+    shown = []
+    for inplane in (0.0, 90.0):
+        R, t = carm_extrinsics(0.0, 0.0, 700.0, isocenter, inplane_deg=inplane)
+        u, v, w = K @ (R[0] @ point + t[0])
+        shown.append((float(u / w) - 20.0, float(v / w) - 20.0))  # offset from the image centre, v down
+        torch.testing.assert_close(-(R[0].T @ t[0]), torch.tensor([0.0, -700.0, 0.0], dtype=torch.float64))
+        torch.testing.assert_close(R[0][2], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    (du0, dv0), (du1, dv1) = shown
+    assert du0 > 20 and abs(dv0) < 1e-9  # east before
+    assert abs(du1) < 1e-9 and dv1 < -20  # north after

@@ -3,7 +3,8 @@
 The unit vector from the isocenter to the detector centre is ``d(a, b) = (-sin a cos b, cos a cos b, sin b)`` in the
 world frame (RAS+, mm): ``a`` is the primary angle (LAO positive, detector toward the patient's left) and ``b`` the
 secondary angle (cranial positive, detector toward the head). (0, 0) puts the detector anterior. The source sits at
-``isocenter - SOD d``; the detector centre at ``source + SDD d``.
+``isocenter - SOD d``; the detector centre at ``source + SDD d``. An optional in-plane rotation of the detector turns
+the displayed image counter-clockwise for positive angles.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def carm_extrinsics(
     secondary_deg: Tensor | float,
     sod_mm: float,
     isocenter: Tensor,
+    inplane_deg: Tensor | float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """World -> camera extrinsics ``R``, ``t`` of a C-arm at the given angles.
 
@@ -49,6 +51,8 @@ def carm_extrinsics(
         secondary_deg: ``[B]`` or scalar secondary angle (degrees, cranial positive).
         sod_mm: source-to-isocenter distance in mm (> 0).
         isocenter: ``[3]`` world point (mm) the C-arm rotates about, e.g. the volume's centre.
+        inplane_deg: ``[B]`` or scalar in-plane rotation of the detector (degrees): positive turns the displayed image
+            counter-clockwise. (With the mirrored intrinsics this is a right-handed turn of the camera about its z.)
 
     Returns:
         ``R`` ``[B, 3, 3]`` and ``t`` ``[B, 3]`` (mm), in ``isocenter``'s dtype and device; differentiable in the
@@ -59,7 +63,8 @@ def carm_extrinsics(
     dtype, device = isocenter.dtype, isocenter.device
     a = torch.as_tensor(primary_deg, dtype=dtype, device=device).reshape(-1)
     b = torch.as_tensor(secondary_deg, dtype=dtype, device=device).reshape(-1)
-    a, b = torch.broadcast_tensors(a, b)
+    c = torch.as_tensor(inplane_deg, dtype=dtype, device=device).reshape(-1)
+    a, b, c = torch.broadcast_tensors(a, b, c)
     ra, rb = torch.deg2rad(a), torch.deg2rad(b)
     zero, one = torch.zeros_like(ra), torch.ones_like(ra)
     rot_primary = torch.stack(
@@ -80,7 +85,17 @@ def carm_extrinsics(
     )
     # Columns: the camera axes at (0, 0) expressed in the world frame.
     frontal = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=dtype, device=device)
-    camera_to_world = rot_primary @ rot_secondary @ frontal
+    rc = torch.deg2rad(c)
+    rot_inplane = torch.stack(
+        [
+            torch.stack([torch.cos(rc), -torch.sin(rc), zero], -1),
+            torch.stack([torch.sin(rc), torch.cos(rc), zero], -1),
+            torch.stack([zero, zero, one], -1),
+        ],
+        -2,
+    )
+    # The in-plane turn acts in the camera frame (about its z axis), after the C-arm's own rotations.
+    camera_to_world = rot_primary @ rot_secondary @ frontal @ rot_inplane.transpose(-1, -2)
     rotation = camera_to_world.transpose(-1, -2)
     source = isocenter - sod_mm * camera_to_world[..., :, 2]
     translation = -(rotation @ source.unsqueeze(-1)).squeeze(-1)
