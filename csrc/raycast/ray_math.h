@@ -161,9 +161,9 @@ TDRR_HD int64_t entry_voxel(T x, T d, int64_t n) {
   return i < 0 ? 0 : (i >= n ? n - 1 : i);
 }
 
-// The voxels a clipped ray crosses, in order (Siddon/Jacobs incremental traversal, no sort), one per call of next().
-// A resumable cursor rather than a loop so that a CPU thread can interleave several rays and overlap their cache
-// misses; siddon_walk() below is the plain loop over one ray.
+// The voxels a clipped ray crosses, in order (Siddon/Jacobs incremental traversal, no sort), one per call of next(),
+// with the axis of each face crossed: what the backward needs for the endpoint gradients (siddon_walk() below is the
+// loop over one ray). The forward uses siddon_forward_runs(), which gives the same segments faster.
 template <typename T>
 struct SiddonCursor {
   int64_t idx[3];
