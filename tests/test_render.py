@@ -116,7 +116,7 @@ def test_cli_render_writes_the_picture(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["render", "--ct", "missing.nii.gz"], "CT file not found"),
+        (["render", "--ct", "missing.nii.gz"], "CT file or folder not found"),
         (["render", "--size", "0", "10"], "--size must be two positive"),
         (["render", "--mode", "trilinear", "--step", "-1"], "step must be a positive"),
         (["render", "--sdd", "-5"], "sdd_mm must be > 0"),

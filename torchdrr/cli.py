@@ -31,7 +31,13 @@ def _parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    render.add_argument("--ct", type=Path, default=None, help="NIfTI CT file (default: the bundled chest CT)")
+    render.add_argument(
+        "--ct",
+        type=Path,
+        default=None,
+        help="CT: NIfTI or NRRD file, DICOM series folder or enhanced DICOM file (default: the bundled chest CT)",
+    )
+    render.add_argument("--series-uid", default=None, help="the DICOM series to read when a folder holds several")
     view = render.add_mutually_exclusive_group()
     view.add_argument(
         "--view",
@@ -64,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         "camera code that casts the rays.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sketch.add_argument("--ct", type=Path, default=None, help="NIfTI CT file (default: the bundled chest CT)")
+    sketch.add_argument("--ct", type=Path, default=None, help="CT file or DICOM folder (default: the bundled chest CT)")
     sketch.add_argument("--view", default="PA", type=str.lower, choices=sorted(_VIEW_ALIASES), help="named view")
     sketch.add_argument("--angles", nargs=2, type=float, metavar=("PRIMARY", "SECONDARY"), help="overrides --view")
     sketch.add_argument("--out", type=Path, default=Path("scene.png"), help="output PNG")
@@ -76,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 def _render(args: argparse.Namespace) -> None:
     import torch
 
-    from .io import bundled_ct_path, load_nifti
+    from .io import Volume, bundled_ct_path
     from .render import hu_to_mu, render_carm, save_png, to_display
 
     primary, secondary, label = _angles(args)
@@ -90,7 +96,9 @@ def _render(args: argparse.Namespace) -> None:
         except RuntimeError:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
-    hu, affine = load_nifti(ct_path)
+    # Scanner padding outside the reconstruction circle is air (design.md §4).
+    volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
+    hu, affine = volume.data, volume.affine
     mu = hu_to_mu(hu).to(device)
     start = time.perf_counter()
     image = render_carm(
@@ -127,22 +135,18 @@ def _angles(args: argparse.Namespace) -> tuple[float, float, str]:
 
 
 def _sketch(args: argparse.Namespace) -> None:
-    import nibabel as nib
     import numpy as np
-    import torch
 
     from .geometry.sketch import sketch_carm_scene
-    from .io import bundled_ct_path
+    from .io import Volume, bundled_ct_path
     from .render import save_png
 
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
-    if not ct_path.is_file():
-        raise FileNotFoundError(f"CT file not found: {ct_path}")
-    header = nib.load(str(ct_path))  # only the header and affine are needed
+    volume = Volume.load(ct_path, check=False)
     primary, secondary, label = _angles(args)
     picture = sketch_carm_scene(
-        tuple(header.shape[:3]),
-        torch.from_numpy(np.asarray(header.affine, dtype=np.float64)),
+        tuple(volume.shape),
+        volume.affine,
         primary,
         secondary,
         title=f"{label}: primary {primary:g} deg, secondary {secondary:g} deg; SOD 850 mm, SDD 1020 mm",

@@ -2,5 +2,61 @@
 
 from .camera import intrinsic_matrix, pixel_rays
 from .carm import NAMED_VIEWS, carm_extrinsics, detector_direction
+from .projection import (
+    DetectorGeometry,
+    decompose_projection,
+    detector_to_intrinsics,
+    intrinsics_to_detector,
+    project_points,
+    projection_matrix,
+)
+from .rotations import (
+    EULER_CONVENTIONS,
+    POSE_PARAMETERIZATIONS,
+    euler_to_matrix,
+    extrinsics_to_pose,
+    matrix_to_euler,
+    matrix_to_quaternion,
+    matrix_to_rotation_6d,
+    matrix_to_rotvec,
+    pose_to_extrinsics,
+    quaternion_to_matrix,
+    quaternion_to_rotvec,
+    rotation_6d_to_matrix,
+    rotvec_to_matrix,
+    rotvec_to_quaternion,
+    se3_exp,
+    se3_log,
+    skew,
+)
 
-__all__ = ["NAMED_VIEWS", "carm_extrinsics", "detector_direction", "intrinsic_matrix", "pixel_rays"]
+__all__ = [
+    "DetectorGeometry",
+    "EULER_CONVENTIONS",
+    "NAMED_VIEWS",
+    "POSE_PARAMETERIZATIONS",
+    "carm_extrinsics",
+    "decompose_projection",
+    "detector_direction",
+    "detector_to_intrinsics",
+    "euler_to_matrix",
+    "extrinsics_to_pose",
+    "intrinsic_matrix",
+    "intrinsics_to_detector",
+    "matrix_to_euler",
+    "matrix_to_quaternion",
+    "matrix_to_rotation_6d",
+    "matrix_to_rotvec",
+    "pixel_rays",
+    "pose_to_extrinsics",
+    "project_points",
+    "projection_matrix",
+    "quaternion_to_matrix",
+    "quaternion_to_rotvec",
+    "rotation_6d_to_matrix",
+    "rotvec_to_matrix",
+    "rotvec_to_quaternion",
+    "se3_exp",
+    "se3_log",
+    "skew",
+]
