@@ -241,3 +241,39 @@ def test_inplane_rotation_turns_the_displayed_image_counter_clockwise() -> None:
     (du0, dv0), (du1, dv1) = shown
     assert du0 > 20 and abs(dv0) < 1e-9  # east before
     assert abs(du1) < 1e-9 and dv1 < -20  # north after
+
+
+def test_carm_angles_round_trip() -> None:
+    """C-arm angles -> pose -> angles, to 1e-6 degrees, over the whole range (batched)."""
+    from torchdrr.geometry import carm_angles
+
+    generator = torch.Generator().manual_seed(3)
+    primary = torch.rand(64, generator=generator, dtype=torch.float64) * 359.0 - 179.0
+    secondary = torch.rand(64, generator=generator, dtype=torch.float64) * 178.0 - 89.0
+    inplane = torch.rand(64, generator=generator, dtype=torch.float64) * 359.0 - 179.0
+    isocenter = torch.tensor([12.0, -30.0, 7.0], dtype=torch.float64)
+    R, t = carm_extrinsics(primary, secondary, 760.0, isocenter, inplane_deg=inplane)
+    got = carm_angles(R, t, isocenter)
+    for value, expected in zip(got, (primary, secondary, inplane, torch.full_like(primary, 760.0)), strict=True):
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: intrinsic_matrix(1000.0, 8, 8, (0.0, 1.0)), "pixel_spacing_mm must be two positive pitches"),
+        (lambda: intrinsic_matrix(1000.0, 8, 8, (1.0, -0.5)), "pixel_spacing_mm must be two positive pitches"),
+        (lambda: intrinsic_matrix(0.0, 8, 8, (1.0, 1.0)), "source on the detector plane"),
+        (lambda: intrinsic_matrix(1000.0, 0, 8, (1.0, 1.0)), "height and width must be >= 1"),
+        (
+            lambda: pixel_rays(intrinsic_matrix(1000.0, 2, 2, (1.0, 1.0)), *_pose(), 2, 2, 0.0),
+            "source on the detector plane",
+        ),
+        (lambda: carm_extrinsics(0.0, 0.0, 0.0, torch.zeros(3)), "sod_mm must be a positive distance"),
+        (lambda: pixel_rays(torch.eye(3), torch.eye(2), torch.zeros(3), 2, 2, 10.0), "rotation must be"),
+    ],
+    ids=["zero pitch", "negative pitch", "zero SDD", "no rows", "rays with zero SDD", "zero SOD", "bad rotation"],
+)
+def test_camera_bad_input_names_the_argument(call, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,7 +1,7 @@
 """Layer 3: cameras, C-arm poses and the rays they cast (conventions in README.md and design.md §3)."""
 
 from .camera import intrinsic_matrix, pixel_rays
-from .carm import NAMED_VIEWS, carm_extrinsics, detector_direction
+from .carm import NAMED_VIEWS, carm_angles, carm_extrinsics, detector_direction
 from .projection import (
     DetectorGeometry,
     decompose_projection,
@@ -35,6 +35,7 @@ __all__ = [
     "EULER_CONVENTIONS",
     "NAMED_VIEWS",
     "POSE_PARAMETERIZATIONS",
+    "carm_angles",
     "carm_extrinsics",
     "decompose_projection",
     "detector_direction",

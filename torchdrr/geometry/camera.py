@@ -10,6 +10,8 @@ where the DRR shows it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,12 +39,12 @@ def intrinsic_matrix(
     Returns:
         ``K`` with principal point at the detector centre, ``((width - 1) / 2, (height - 1) / 2)``.
     """
-    if not (sdd_mm > 0):
-        raise ValueError(f"sdd_mm must be > 0 mm, got {sdd_mm}")
+    if not (sdd_mm > 0) or not math.isfinite(sdd_mm):
+        raise ValueError(f"sdd_mm must be > 0 mm (a source on the detector plane casts no rays), got {sdd_mm}")
     if int(height) < 1 or int(width) < 1:
         raise ValueError(f"height and width must be >= 1 pixel, got {height} x {width}")
     row_pitch, col_pitch = pixel_spacing_mm
-    if not (row_pitch > 0 and col_pitch > 0):
+    if not (row_pitch > 0 and col_pitch > 0) or not (math.isfinite(row_pitch) and math.isfinite(col_pitch)):
         raise ValueError(f"pixel_spacing_mm must be two positive pitches in mm, got {pixel_spacing_mm}")
     fu = sdd_mm / col_pitch * (-1.0 if mirror else 1.0)
     fv = sdd_mm / row_pitch
@@ -82,6 +84,10 @@ def pixel_rays(
         raise ValueError(
             f"rotation must be [B, 3, 3] and translation [B, 3] with one B, got {tuple(rotation.shape)} and "
             f"{tuple(translation.shape)}"
+        )
+    if not (float(sdd_mm) > 0) or not math.isfinite(float(sdd_mm)):
+        raise ValueError(
+            f"sdd_mm must be a positive distance in mm (a source on the detector plane casts no rays), got {sdd_mm}"
         )
     if isinstance(supersample, bool) or int(supersample) != supersample or supersample < 1:
         raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")

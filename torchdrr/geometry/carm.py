@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["NAMED_VIEWS", "carm_extrinsics", "detector_direction"]
+__all__ = ["NAMED_VIEWS", "carm_angles", "carm_extrinsics", "detector_direction"]
 
 #: Named views as (primary, secondary) angles in degrees.
 NAMED_VIEWS: dict[str, tuple[float, float]] = {
@@ -100,3 +100,36 @@ def carm_extrinsics(
     source = isocenter - sod_mm * camera_to_world[..., :, 2]
     translation = -(rotation @ source.unsqueeze(-1)).squeeze(-1)
     return rotation, translation
+
+
+def carm_angles(rotation: Tensor, translation: Tensor, isocenter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The C-arm parameters of world -> camera extrinsics: the inverse of :func:`carm_extrinsics`.
+
+    Args:
+        rotation: ``[..., 3, 3]`` world -> camera rotation R.
+        translation: ``[..., 3]`` world -> camera translation t (mm).
+        isocenter: ``[3]`` or ``[..., 3]`` world point the C-arm rotates about (mm). It must lie on the central ray
+            (as for every pose made by :func:`carm_extrinsics`); the distance of it from the ray is not checked.
+
+    Returns:
+        ``primary_deg``, ``secondary_deg``, ``inplane_deg`` (each ``[...]``, degrees; primary in (-180, 180],
+        secondary in [-90, 90], in-plane in (-180, 180]) and ``sod_mm`` ``[...]``, the source-to-isocenter distance.
+        At secondary = +-90 degrees the primary angle is not defined; it is returned as 0 and the in-plane angle
+        absorbs the rotation.
+    """
+    direction = rotation[..., 2, :]  # the camera's z axis in world coordinates: d(a, b)
+    secondary = torch.rad2deg(torch.asin(direction[..., 2].clamp(-1.0, 1.0)))
+    horizontal = torch.hypot(direction[..., 0], direction[..., 1])
+    primary = torch.where(
+        horizontal > 1e-12,
+        torch.rad2deg(torch.atan2(-direction[..., 0], direction[..., 1])),
+        torch.zeros_like(horizontal),
+    )
+    # Undo the primary and secondary turns: what is left is the in-plane turn about the camera's z axis.
+    reference, _ = carm_extrinsics(primary.reshape(-1), secondary.reshape(-1), 1.0, isocenter.reshape(-1, 3)[0])
+    reference = reference.reshape(rotation.shape)
+    inplane_rotation = rotation @ reference.transpose(-1, -2)  # = Rz(inplane) in the camera frame
+    inplane = torch.rad2deg(torch.atan2(inplane_rotation[..., 1, 0], inplane_rotation[..., 0, 0]))
+    source = -(rotation.transpose(-1, -2) @ translation.unsqueeze(-1)).squeeze(-1)
+    sod = (isocenter - source).norm(dim=-1)
+    return primary, secondary, inplane, sod
