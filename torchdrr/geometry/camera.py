@@ -11,11 +11,15 @@ where the DRR shows it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-__all__ = ["bin_intrinsics", "crop_intrinsics", "intrinsic_matrix", "pixel_rays"]
+from .carm import carm_extrinsics
+from .projection import decompose_projection, project_points, projection_matrix
+
+__all__ = ["Camera", "bin_intrinsics", "crop_intrinsics", "intrinsic_matrix", "pixel_rays"]
 
 
 def intrinsic_matrix(
@@ -137,3 +141,124 @@ def bin_intrinsics(intrinsics: Tensor, factor: int) -> Tensor:
     binned[..., :2, :] = intrinsics[..., :2, :] / factor
     binned[..., :2, 2] = (intrinsics[..., :2, 2] - (factor - 1) / 2.0) / factor
     return binned
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A batch of X-ray cameras that share one flat detector (design.md §3).
+
+    Attributes:
+        intrinsics: ``[3, 3]`` K (float64).
+        rotation: ``[B, 3, 3]`` world -> camera rotations R.
+        translation: ``[B, 3]`` world -> camera translations t (mm).
+        height: detector rows.
+        width: detector columns.
+        sdd_mm: source-to-detector distance (mm); the rays end on the detector plane at this depth.
+
+    The tensors are differentiable: build R and t from any pose parameterisation (``pose_to_extrinsics``) or from
+    C-arm angles, and gradients of a DRR reach them.
+    """
+
+    intrinsics: Tensor
+    rotation: Tensor
+    translation: Tensor
+    height: int
+    width: int
+    sdd_mm: float
+
+    def __post_init__(self) -> None:
+        if self.rotation.dim() == 2:
+            object.__setattr__(self, "rotation", self.rotation.unsqueeze(0))
+        if self.translation.dim() == 1:
+            object.__setattr__(self, "translation", self.translation.unsqueeze(0))
+        if tuple(self.intrinsics.shape) != (3, 3):
+            raise ValueError(f"intrinsics must be [3, 3], got {tuple(self.intrinsics.shape)}")
+        if self.rotation.shape[-2:] != (3, 3) or self.translation.shape[-1:] != (3,):
+            raise ValueError(
+                f"rotation must be [B, 3, 3] and translation [B, 3], got {tuple(self.rotation.shape)} and "
+                f"{tuple(self.translation.shape)}"
+            )
+        if self.rotation.shape[0] != self.translation.shape[0]:
+            raise ValueError(f"rotation and translation must have one batch size, got {self.rotation.shape[0]} and "
+                             f"{self.translation.shape[0]}")  # fmt: skip
+        if int(self.height) < 1 or int(self.width) < 1:
+            raise ValueError(f"height and width must be >= 1 pixel, got {self.height} x {self.width}")
+        if not (float(self.sdd_mm) > 0) or not math.isfinite(float(self.sdd_mm)):
+            raise ValueError(f"sdd_mm must be a positive distance in mm, got {self.sdd_mm}")
+
+    @classmethod
+    def from_carm(
+        cls,
+        primary_deg: Tensor | float,
+        secondary_deg: Tensor | float,
+        isocenter: Tensor,
+        *,
+        sod_mm: float = 850.0,
+        sdd_mm: float = 1020.0,
+        height: int = 960,
+        width: int = 1240,
+        pixel_spacing_mm: tuple[float, float] = (0.301, 0.301),
+        inplane_deg: Tensor | float = 0.0,
+    ) -> Camera:
+        """Cameras of a C-arm at ``[B]`` (or scalar) angles in degrees about ``isocenter`` ``[3]`` (mm); the
+        defaults are the DeepDRR/peers.md geometry (1240 x 960 detector of 0.301 mm pixels, SDD 1020, SOD 850)."""
+        rotation, translation = carm_extrinsics(primary_deg, secondary_deg, sod_mm, isocenter, inplane_deg)
+        intrinsics = intrinsic_matrix(sdd_mm, height, width, pixel_spacing_mm).to(isocenter.device)
+        return cls(intrinsics, rotation, translation, height, width, sdd_mm)
+
+    @classmethod
+    def from_projection_matrix(
+        cls, projection: Tensor, height: int, width: int, sdd_mm: float, reference_point: Tensor | None = None
+    ) -> Camera:
+        """Cameras from ``[3, 4]`` or ``[B, 3, 4]`` projection matrices P (any scale), decomposed with
+        ``decompose_projection`` (``reference_point``: a world point in front of the cameras, e.g. the isocenter,
+        which fixes the sign of P's scale). The batch must share one K."""
+        projection = projection if projection.dim() == 3 else projection.unsqueeze(0)
+        intrinsics, rotation, translation = decompose_projection(projection, reference_point)
+        if not torch.allclose(intrinsics, intrinsics[:1].expand_as(intrinsics), rtol=1e-9, atol=1e-9):
+            raise ValueError("projection matrices in one Camera must share their intrinsics")
+        return cls(intrinsics[0], rotation, translation, height, width, sdd_mm)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rotation.shape[0]
+
+    def projection_matrix(self) -> Tensor:
+        """``[B, 3, 4]`` P = K [R | t]."""
+        return projection_matrix(self.intrinsics.to(self.rotation), self.rotation, self.translation)
+
+    def rays(self, supersample: int = 1) -> tuple[Tensor, Tensor]:
+        """``sources`` ``[B, 1, 3]`` and ``targets`` ``[B, H * W * s * s, 3]`` (world mm); see :func:`pixel_rays`."""
+        return pixel_rays(
+            self.intrinsics, self.rotation, self.translation, self.height, self.width, self.sdd_mm, supersample
+        )
+
+    def project(self, points: Tensor) -> Tensor:
+        """Pixel coordinates ``(u, v)`` = (column, row) ``[B, N, 2]`` of world points ``[N, 3]`` or ``[B, N, 3]``
+        (mm), where the DRR shows them."""
+        return project_points(self.projection_matrix(), points.to(self.rotation))
+
+    def crop(self, top: int, left: int, height: int, width: int) -> Camera:
+        """The cameras of the detector region rows ``top .. top + height - 1``, columns ``left .. left + width - 1``."""
+        if top < 0 or left < 0 or top + height > self.height or left + width > self.width:
+            raise ValueError(f"crop ({top}, {left}, {height}, {width}) lies outside the {self.height} x {self.width} "
+                             "detector")  # fmt: skip
+        return replace(self, intrinsics=crop_intrinsics(self.intrinsics, top, left), height=height, width=width)
+
+    def binned(self, factor: int) -> Camera:
+        """The same cameras read out in ``factor x factor`` bins (``height // factor`` x ``width // factor``)."""
+        return replace(
+            self,
+            intrinsics=bin_intrinsics(self.intrinsics, factor),
+            height=self.height // factor,
+            width=self.width // factor,
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Camera:
+        """The cameras with R and t (and K) moved to ``device`` and/or cast to ``dtype``."""
+        return replace(
+            self,
+            intrinsics=self.intrinsics.to(device=device),
+            rotation=self.rotation.to(device=device, dtype=dtype),
+            translation=self.translation.to(device=device, dtype=dtype),
+        )
