@@ -319,3 +319,31 @@ def test_camera_crop_binning_and_volume_rendering() -> None:
         camera.crop(10, 0, 5, 5)
     with pytest.raises(ValueError, match="affine is required"):
         render_line_integrals(volume, camera)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_volume_and_camera_render_on_cuda_as_on_cpu() -> None:
+    from torchdrr.geometry import Camera
+    from torchdrr.io import Volume
+    from torchdrr.render import render_line_integrals
+
+    if not torchdrr_build_has_cuda():
+        pytest.skip("this build has no CUDA kernels")
+    volume = Volume.load(bundled_ct_path(), fix_padding=True)
+    mu = Volume(hu_to_mu(volume.data), volume.affine)
+    camera = Camera.from_carm(torch.tensor([0.0, 35.0]), torch.tensor([0.0, -10.0]), volume.center, height=64,
+                              width=80, pixel_spacing_mm=(5.0, 5.0), inplane_deg=15.0)  # fmt: skip
+    on_cpu = render_line_integrals(mu, camera)
+    on_gpu = render_line_integrals(mu.to("cuda"), camera.to("cuda"))
+    assert on_gpu.is_cuda and float(on_cpu.max()) > 3
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+    # Points project to the same pixels on either device.
+    points = volume.center + torch.randn(5, 3, dtype=torch.float64) * 30
+    torch.testing.assert_close(camera.to("cuda").project(points.cuda()).cpu(), camera.project(points))
+
+
+def torchdrr_build_has_cuda() -> bool:
+    import torchdrr
+
+    return bool(torchdrr.build_info()["cuda_kernels"])
