@@ -1,0 +1,65 @@
+"""Layer 4: the physics of a radiograph: HU -> density, material decomposition, attenuation data, spectra.
+
+The model and reference values are in design.md §4. The detector, noise, scatter and the ``DRR`` module that composes
+them come in later layers.
+"""
+
+from .density import AIR_DENSITY, MODELS, PADDING_HU, check_density, hu_to_density
+from .materials import (
+    ENERGY_RANGE_KEV,
+    Material,
+    attenuation_table,
+    get_material,
+    iodinated_contrast,
+    mass_attenuation,
+    material_names,
+    register_material,
+)
+from .segmentation import (
+    LabelMapSegmentation,
+    MaterialChannels,
+    ProbabilityMapSegmentation,
+    SoftThresholdSegmentation,
+    ThresholdSegmentation,
+)
+from .spectra import (
+    DEFAULT_PRESET,
+    KVP_RANGE,
+    PRESETS,
+    air_mass_energy_absorption,
+    filter,
+    half_value_layer,
+    mean_energy,
+    spectrum,
+    spectrum_preset,
+)
+
+__all__ = [
+    "AIR_DENSITY",
+    "DEFAULT_PRESET",
+    "ENERGY_RANGE_KEV",
+    "KVP_RANGE",
+    "MODELS",
+    "PADDING_HU",
+    "PRESETS",
+    "LabelMapSegmentation",
+    "Material",
+    "MaterialChannels",
+    "ProbabilityMapSegmentation",
+    "SoftThresholdSegmentation",
+    "ThresholdSegmentation",
+    "air_mass_energy_absorption",
+    "attenuation_table",
+    "check_density",
+    "filter",
+    "get_material",
+    "half_value_layer",
+    "hu_to_density",
+    "iodinated_contrast",
+    "mass_attenuation",
+    "material_names",
+    "mean_energy",
+    "register_material",
+    "spectrum",
+    "spectrum_preset",
+]
