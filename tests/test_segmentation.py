@@ -182,3 +182,20 @@ def test_schneider2000_density_matches_the_published_table() -> None:
     torch.testing.assert_close(grad, torch.tensor([1.0297e-3, 0.893e-3, 1.169e-3, 0.592e-3], dtype=torch.float64))
     with pytest.raises(ValueError, match="model must be one of"):
         hu_to_density(x, model="linear")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decomposition_and_attenuation_on_cuda_match_the_cpu() -> None:
+    from torchdrr.physics import SoftThresholdSegmentation, ThresholdSegmentation, spectrum_preset
+
+    hu = Volume.load(bundled_ct_path(), fix_padding=True).data[60:90, 60:90, 50:70]
+    for module in (ThresholdSegmentation(), SoftThresholdSegmentation(temperature=20.0)):
+        on_cpu = module(hu)
+        on_gpu = module.to("cuda")(hu.cuda())
+        assert on_gpu.densities.is_cuda and on_gpu.materials == on_cpu.materials
+        torch.testing.assert_close(on_gpu.densities.cpu(), on_cpu.densities, rtol=1e-5, atol=1e-6)
+    energy, _ = spectrum_preset()
+    table = attenuation_table(("water", "cortical bone"), energy.cuda())
+    assert table.is_cuda
+    torch.testing.assert_close(table.cpu(), attenuation_table(("water", "cortical bone"), energy))
