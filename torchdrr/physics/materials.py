@@ -145,9 +145,16 @@ _BUILTIN = [
         {"Fe": 0.655, "Cr": 0.17, "Ni": 0.12, "Mo": 0.025, "Mn": 0.02, "Si": 0.01},
         8.0,
     ),
+    # Pure elements used as beam filters (nominal densities).
+    Material("aluminum", {"Al": 1.0}, 2.699),
+    Material("copper", {"Cu": 1.0}, 8.96),
+    Material("tin", {"Sn": 1.0}, 7.31),
+    Material("lead", {"Pb": 1.0}, 11.35),
 ]
 
 _REGISTRY: dict[str, Material] = {m.name.lower(): m for m in _BUILTIN}
+# Other names users write for the same materials (case-insensitive).
+_ALIASES = {"al": "aluminum", "aluminium": "aluminum", "cu": "copper", "sn": "tin", "pb": "lead", "ti": "titanium"}
 
 DEFAULT_IODINE_MASS_FRACTION = 0.02
 
@@ -165,7 +172,7 @@ def iodinated_contrast(iodine_mass_fraction: float = DEFAULT_IODINE_MASS_FRACTIO
     w = float(iodine_mass_fraction)
     if not (math.isfinite(w) and 0.0 <= w < 1.0):
         raise ValueError(f"iodine_mass_fraction must be in [0, 1), got {iodine_mass_fraction!r}")
-    blood = _REGISTRY["blood"] if "blood" in _REGISTRY else _BUILTIN[7]
+    blood = _REGISTRY["blood"]
     comp = {el: f * (1.0 - w) for el, f in blood.fractions.items()}
     comp["I"] = comp.get("I", 0.0) + w
     return Material("iodinated contrast", comp, blood.density / (1.0 - w))
@@ -198,12 +205,14 @@ def register_material(material: Material, overwrite: bool = False) -> None:
 
 
 def get_material(material: str | Material) -> Material:
-    """Look up a material by name (case-insensitive); a ``Material`` is returned unchanged."""
+    """Look up a material by name (case-insensitive; "Al", "Cu", "Sn", "Pb", "Ti" and "aluminium" are aliases); a
+    ``Material`` is returned unchanged."""
     if isinstance(material, Material):
         return material
     if not isinstance(material, str):
         raise TypeError(f"material must be a str or Material, got {type(material).__name__}")
     key = material.strip().lower()
+    key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise ValueError(f"unknown material {material!r}; valid materials are: {', '.join(material_names())}")
     return _REGISTRY[key]

@@ -43,16 +43,6 @@ _AIR_CSV = _DATA / "air_nist.csv"
 PRESETS: dict[str, tuple[float, float]] = {"60kVp": (60.0, 3.5), "90kVp": (90.0, 4.0), "120kVp": (120.0, 4.3)}
 DEFAULT_PRESET = "90kVp"
 
-# Filter metals that materials.py does not register (it covers tissues/implants): pure elements, mass fraction 1,
-# with nominal densities (g/cm^3). Keys are lower-case; "Al"/"Cu"/... are accepted as aliases.
-_FILTER_METALS: dict[str, tuple[str, float]] = {
-    "aluminum": ("Al", 2.699),
-    "copper": ("Cu", 8.96),
-    "tin": ("Sn", 7.31),
-    "lead": ("Pb", 11.35),
-}
-_ALIASES = {"al": "aluminum", "aluminium": "aluminum", "cu": "copper", "sn": "tin", "pb": "lead"}
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Tables
@@ -108,17 +98,10 @@ def air_mass_energy_absorption(energy_keV: Tensor | np.ndarray | float) -> Tenso
 # Materials (delegated to torchdrr.physics.materials)
 # --------------------------------------------------------------------------------------------------------------------
 def _resolve_material(material: str) -> materials.Material:
-    """Return a ``materials.Material`` for a registered name or a filter metal; unknown names raise ValueError."""
+    """A registered material (``materials.get_material``, which knows the filter metals and their aliases)."""
     if not isinstance(material, str) or not material.strip():
         raise ValueError(f"material must be a non-empty string, got {material!r}")
-    key = _ALIASES.get(material.strip().lower(), material.strip().lower())
-    if key in _FILTER_METALS:
-        symbol, density = _FILTER_METALS[key]
-        return materials.Material(key, {symbol: 1.0}, density)
-    try:
-        return materials.get_material(key)
-    except ValueError as exc:
-        raise ValueError(f"{exc}; filter metals: {sorted(_FILTER_METALS)} (aliases {sorted(_ALIASES)})") from None
+    return materials.get_material(material)
 
 
 def _linear_attenuation_per_mm(material: str, energy_keV: Tensor) -> np.ndarray:
@@ -173,7 +156,8 @@ def filter(
         energy_keV: [E] bin-centre energies, keV.
         photons: [E] photon fluence per bin (any units, non-negative).
         material: a material registered in ``torchdrr.physics.materials`` ("water", "soft tissue", ...) at its
-            nominal density, or a filter metal "aluminum" (2.699 g/cm^3), "copper", "tin", "lead" (aliases "Al", ...).
+            nominal density, e.g. the filter metals "aluminum" (2.699 g/cm^3), "copper", "tin", "lead" (aliases
+            "Al", "Cu", ...).
         thickness_mm: slab thickness, mm (>= 0).
 
     Returns:
