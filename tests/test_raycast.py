@@ -12,6 +12,7 @@ import torchdrr
 from torchdrr import _extension
 from torchdrr.ops.reference import raycast_reference
 
+from .conftest import cuda_ready
 from .geometry_cases import (
     AFFINES,
     INDEX_RAYS,
@@ -434,11 +435,9 @@ def test_build_info_reports_the_build() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and a CUDA build of torchdrr")
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_matches_cpu(mode) -> None:
-    if not torchdrr.build_info()["cuda_kernels"]:
-        pytest.skip("this build has no CUDA kernels")
     generator = torch.Generator().manual_seed(21)
     affine = AFFINES["permuted_flipped"]
     volume = torch.rand((2, 40, 30, 20), generator=generator)

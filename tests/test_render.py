@@ -14,6 +14,8 @@ from torchdrr.geometry import NAMED_VIEWS, carm_extrinsics, detector_direction, 
 from torchdrr.io import bundled_ct_path, load_nifti, volume_center
 from torchdrr.render import hu_to_mu, render_carm, save_png, to_display
 
+from .conftest import cuda_ready
+
 SHAPE = (41, 41, 41)
 AFFINE = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
 AFFINE[:3, 3] = -40.0  # centre of the volume at the world origin
@@ -322,14 +324,12 @@ def test_camera_crop_binning_and_volume_rendering() -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and a CUDA build of torchdrr")
 def test_volume_and_camera_render_on_cuda_as_on_cpu() -> None:
     from torchdrr.geometry import Camera
     from torchdrr.io import Volume
     from torchdrr.render import render_line_integrals
 
-    if not torchdrr_build_has_cuda():
-        pytest.skip("this build has no CUDA kernels")
     volume = Volume.load(bundled_ct_path(), fix_padding=True)
     mu = Volume(hu_to_mu(volume.data), volume.affine)
     camera = Camera.from_carm(torch.tensor([0.0, 35.0]), torch.tensor([0.0, -10.0]), volume.center, height=64,
@@ -341,9 +341,3 @@ def test_volume_and_camera_render_on_cuda_as_on_cpu() -> None:
     # Points project to the same pixels on either device.
     points = volume.center + torch.randn(5, 3, dtype=torch.float64) * 30
     torch.testing.assert_close(camera.to("cuda").project(points.cuda()).cpu(), camera.project(points))
-
-
-def torchdrr_build_has_cuda() -> bool:
-    import torchdrr
-
-    return bool(torchdrr.build_info()["cuda_kernels"])
