@@ -7,7 +7,9 @@ volume and to the ray endpoints. See README.md for the conventions.
 __version__ = "0.1.0"
 
 from ._extension import build_info
+from .drr import DRR
+from .geometry import Camera
 from .io import Volume
 from .ops import raycast
 
-__all__ = ["Volume", "__version__", "build_info", "raycast"]
+__all__ = ["DRR", "Camera", "Volume", "__version__", "build_info", "raycast"]

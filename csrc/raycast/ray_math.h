@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define TDRR_HD __host__ __device__ __forceinline__
@@ -234,13 +235,45 @@ struct SiddonCursor {
   }
 };
 
+// Reads the first `channels` (<= MaxC) channel values of the voxel at element `offset` into v[0..MaxC) (zeros past
+// `channels`). Packed: the volume is channels-last with exactly MaxC channels, so a voxel's channels are MaxC
+// adjacent elements starting at a 16-byte boundary (the host checks this); the GPU then reads them with 16-byte
+// vector loads. Why: with one scalar load per channel a multi-channel walk issued 3-4x the memory instructions of a
+// one-channel walk and took 1.7x its time on the chest CT; the channels of one voxel share a 32-byte sector anyway.
+template <typename T, int MaxC, bool Packed>
+TDRR_HD void load_voxel(const T* __restrict__ volume, int64_t offset, int64_t channel_stride, int channels, T* v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (Packed && std::is_same<T, float>::value && (MaxC == 4 || MaxC == 8)) {
+#pragma unroll
+    for (int q = 0; q < MaxC / 4; ++q) {
+      const float4 x = __ldg(reinterpret_cast<const float4*>(volume + offset) + q);
+      v[4 * q] = x.x;
+      v[4 * q + 1] = x.y;
+      v[4 * q + 2] = x.z;
+      v[4 * q + 3] = x.w;
+    }
+    return;
+  } else if constexpr (Packed && std::is_same<T, double>::value && MaxC >= 2) {
+#pragma unroll
+    for (int q = 0; q < MaxC / 2; ++q) {
+      const double2 x = __ldg(reinterpret_cast<const double2*>(volume + offset) + q);
+      v[2 * q] = x.x;
+      v[2 * q + 1] = x.y;
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int c = 0; c < MaxC; ++c) v[c] = c < channels ? volume[offset + c * channel_stride] : T(0);
+}
+
 // Siddon forward of one ray whose largest index-space direction component is on axis M, walked as runs of whole
 // voxels along M between the crossings of the two other axes. Why: inside such a run every voxel's segment has the
 // same parameter length |1/d_M|, so the inner loop is a strided sum whose loads do not depend on each other (a CPU
 // overlaps their cache misses) instead of a chain of per-voxel plane comparisons. The segments are Siddon's: the
 // partial voxels at the ends of a run use the same plane expressions as SiddonCursor. Adds the parameter-space
 // integral of each channel (sum of value x parameter length) to acc[0..channels).
-template <typename T, int MaxC, int M>
+template <typename T, int MaxC, int M, bool Packed>
 TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>& r, const T* __restrict__ volume,
                                  int channels, T* acc) {
   constexpr int kA = (M + 1) % 3, kB = (M + 2) % 3;
@@ -261,10 +294,10 @@ TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>
   // Adds the current voxel's part [alpha, end] (never negative: rounding can order two crossings a hair apart).
   auto add_partial = [&](T end) {
     const T length = end > alpha ? end - alpha : T(0);
+    T v[MaxC];
+    load_voxel<T, MaxC, Packed>(volume, offset, g.channel_stride, channels, v);
 #pragma unroll
-    for (int c = 0; c < MaxC; ++c) {
-      if (c < channels) acc[c] += volume[offset + c * g.channel_stride] * length;
-    }
+    for (int c = 0; c < MaxC; ++c) acc[c] += v[c] * length;
   };
   // Every pass crosses at least one plane or ends the ray, and indices only move toward the grid's edges.
   const int64_t max_passes = g.size[0] + g.size[1] + g.size[2] + 3;
@@ -286,10 +319,10 @@ TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>
 #pragma unroll
       for (int c = 0; c < MaxC; ++c) run[c] = T(0);
       for (int64_t j = 1; j < n; ++j) {
+        T v[MaxC];
+        load_voxel<T, MaxC, Packed>(volume, offset, g.channel_stride, channels, v);
 #pragma unroll
-        for (int c = 0; c < MaxC; ++c) {
-          if (c < channels) run[c] += volume[offset + c * g.channel_stride];
-        }
+        for (int c = 0; c < MaxC; ++c) run[c] += v[c];
         offset += offset_step_m;
       }
 #pragma unroll
@@ -437,7 +470,7 @@ TDRR_HD void endpoint_gradients(const VolumeGeometry<T>& g, const T* s_world, co
 // ---------------------------------------------------------------------------------------------------------------
 
 // Forward: out[c] = integral of channel c along the ray (volume units x mm).
-template <typename T, int MaxC>
+template <typename T, int MaxC, bool Packed = false>
 TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
                                  const T* s_world, const T* t_world, bool trilinear, T step_mm, T* out) {
   T acc[MaxC];
@@ -453,11 +486,11 @@ TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict
     if (!trilinear) {
       const int axis = main_axis(r);
       if (axis == 0) {
-        siddon_forward_runs<T, MaxC, 0>(g, r, volume, channels, acc);
+        siddon_forward_runs<T, MaxC, 0, Packed>(g, r, volume, channels, acc);
       } else if (axis == 1) {
-        siddon_forward_runs<T, MaxC, 1>(g, r, volume, channels, acc);
+        siddon_forward_runs<T, MaxC, 1, Packed>(g, r, volume, channels, acc);
       } else {
-        siddon_forward_runs<T, MaxC, 2>(g, r, volume, channels, acc);
+        siddon_forward_runs<T, MaxC, 2, Packed>(g, r, volume, channels, acc);
       }
 #pragma unroll
       for (int c = 0; c < MaxC; ++c) acc[c] *= length;

@@ -32,6 +32,11 @@ inline at::Tensor dense_volume(const at::Tensor& volume) {
   return volume.is_non_overlapping_and_dense() ? volume : volume.contiguous();
 }
 
+// True when the volume is channels-last ([C, I, J, K] viewed from a contiguous [I, J, K, C]) with exactly
+// max_channels channels and 16-byte-aligned voxels, so the CUDA forward can read a voxel's channels with vector
+// loads (ray_math.h, load_voxel). The DRR module lays its material densities out this way.
+bool has_packed_channels(const at::Tensor& volume, int64_t max_channels);
+
 // Inverts the affine (in float64) and records sizes and strides. Rejects affines that are not finite, not affine
 // (last row other than 0 0 0 1) or singular. Instantiated for float and double.
 template <typename T>

@@ -16,7 +16,7 @@ inline unsigned int blocks_for(int64_t n_rays) {
   return static_cast<unsigned int>((n_rays + kThreadsPerBlock - 1) / kThreadsPerBlock);
 }
 
-template <typename T, int MaxC>
+template <typename T, int MaxC, bool Packed>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     raycast_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                            const T* __restrict__ sources, const T* __restrict__ targets, int64_t n_rays,
@@ -27,8 +27,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const T t[3] = {targets[3 * ray], targets[3 * ray + 1], targets[3 * ray + 2]};
   for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
     const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
-    raycast_ray_forward<T, MaxC>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, trilinear, step_mm,
-                                 out + ray * channels + c0);
+    raycast_ray_forward<T, MaxC, Packed>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, trilinear,
+                                         step_mm, out + ray * channels + c0);
   }
 }
 
@@ -87,10 +87,18 @@ at::Tensor raycast_forward_cuda(const at::Tensor& volume_in, const at::Tensor& a
     const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
     dispatch_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
-      raycast_forward_kernel<scalar_t, kMaxC><<<blocks_for(n_rays), kThreadsPerBlock, 0, stream>>>(
-          geometry, volume.const_data_ptr<scalar_t>(), channels, sources.const_data_ptr<scalar_t>(),
-          targets.const_data_ptr<scalar_t>(), n_rays, mode == kTrilinear, static_cast<scalar_t>(trilinear_step_mm(affine, step)),
-          out.mutable_data_ptr<scalar_t>());
+      const auto launch = [&](auto packed) {
+        raycast_forward_kernel<scalar_t, kMaxC, decltype(packed)::value>
+            <<<blocks_for(n_rays), kThreadsPerBlock, 0, stream>>>(
+                geometry, volume.const_data_ptr<scalar_t>(), channels, sources.const_data_ptr<scalar_t>(),
+                targets.const_data_ptr<scalar_t>(), n_rays, mode == kTrilinear,
+                static_cast<scalar_t>(trilinear_step_mm(affine, step)), out.mutable_data_ptr<scalar_t>());
+      };
+      if (has_packed_channels(volume, kMaxC)) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

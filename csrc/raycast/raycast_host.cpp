@@ -1,6 +1,7 @@
 // Host-side validation and setup of the raycast ops (see raycast.h for why this is not in the .cu file).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "raycast.h"
 
@@ -73,6 +74,15 @@ VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affi
   }
   g.channel_stride = volume.stride(0);
   return g;
+}
+
+bool has_packed_channels(const at::Tensor& volume, int64_t max_channels) {
+  if (volume.size(0) != max_channels || volume.stride(0) != 1) return false;
+  for (int d = 1; d < 4; ++d) {
+    if (volume.size(d) > 1 && volume.stride(d) % max_channels != 0) return false;
+  }
+  const int64_t bytes = max_channels * static_cast<int64_t>(volume.element_size());
+  return bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(volume.const_data_ptr()) % 16 == 0;
 }
 
 double trilinear_step_mm(const at::Tensor& affine, double requested) {

@@ -1,10 +1,16 @@
 """Layer 4: the physics of a radiograph: HU -> density, material decomposition, attenuation data, spectra.
 
-The model and reference values are in design.md §4. The detector, noise, scatter and the ``DRR`` module that composes
-them come in later layers.
+The model and reference values are in design.md §4. ``torchdrr.DRR`` composes these modules into an X-ray image.
 """
 
 from .density import AIR_DENSITY, MODELS, PADDING_HU, check_density, hu_to_density
+from .detector import (
+    DETECTOR_OUTPUTS,
+    EnergyIntegratingDetector,
+    PhotonCountingDetector,
+    absorption_efficiency,
+    falloff_factor,
+)
 from .materials import (
     ENERGY_RANGE_KEV,
     Material,
@@ -15,6 +21,7 @@ from .materials import (
     material_names,
     register_material,
 )
+from .noise import NOISE_METHODS, NOISE_PRESETS, Noise, NoisePreset
 from .segmentation import (
     LabelMapSegmentation,
     MaterialChannels,
@@ -35,6 +42,15 @@ from .spectra import (
 )
 
 __all__ = [
+    "DETECTOR_OUTPUTS",
+    "EnergyIntegratingDetector",
+    "NOISE_METHODS",
+    "NOISE_PRESETS",
+    "Noise",
+    "NoisePreset",
+    "PhotonCountingDetector",
+    "absorption_efficiency",
+    "falloff_factor",
     "AIR_DENSITY",
     "DEFAULT_PRESET",
     "ENERGY_RANGE_KEV",

@@ -145,6 +145,9 @@ _BUILTIN = [
         {"Fe": 0.655, "Cr": 0.17, "Ni": 0.12, "Mo": 0.025, "Mn": 0.02, "Si": 0.01},
         8.0,
     ),
+    # Detector absorbers: the scintillator of flat-panel detectors and the sensor of photon-counting ones.
+    Material("cesium iodide", "CsI", 4.51),
+    Material("cadmium telluride", "CdTe", 5.85),
     # Pure elements used as beam filters (nominal densities).
     Material("aluminum", {"Al": 1.0}, 2.699),
     Material("copper", {"Cu": 1.0}, 8.96),
@@ -154,7 +157,16 @@ _BUILTIN = [
 
 _REGISTRY: dict[str, Material] = {m.name.lower(): m for m in _BUILTIN}
 # Other names users write for the same materials (case-insensitive).
-_ALIASES = {"al": "aluminum", "aluminium": "aluminum", "cu": "copper", "sn": "tin", "pb": "lead", "ti": "titanium"}
+_ALIASES = {
+    "al": "aluminum",
+    "aluminium": "aluminum",
+    "cu": "copper",
+    "sn": "tin",
+    "pb": "lead",
+    "ti": "titanium",
+    "csi": "cesium iodide",
+    "cdte": "cadmium telluride",
+}
 
 DEFAULT_IODINE_MASS_FRACTION = 0.02
 

@@ -1,0 +1,549 @@
+"""The ``DRR`` module: CT -> materials -> ray casting -> polychromatic attenuation -> detector -> scatter -> noise.
+
+This is the calibrated X-ray of design.md §4 in one differentiable ``nn.Module``:
+
+1. The CT (HU) is split into per-material density channels by a segmentation module (DeepDRR's thresholds by
+   default), laid out channels-last so the ray caster reads a voxel's channels in one load.
+2. One ``raycast`` call integrates every channel along every ray: mass thicknesses ``A_m`` in g/cm^2.
+3. ``log_weighted_transmission`` attenuates the spectrum per energy bin, ``T(E) = exp(-sum_m mu/rho_m(E) A_m)``,
+   and sums it against the detector response in log space (no underflow behind thick bone or metal).
+4. The detector turns photons into a signal (deposited energy or counts per bin), with the exposure ``N0`` (photons
+   per pixel in the flat field) fixed or set per image by automatic exposure control.
+5. An optional scatter module adds scatter; an optional noise module draws quantum and electronic noise.
+
+Gradients reach the pose and intrinsics (through the camera), the volume (if it is an ``nn.Parameter``), learnable
+segmentation thresholds and the spectrum weights (``learn_spectrum=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .geometry import Camera
+from .io import Volume
+from .ops import raycast
+
+try:  # TEMPORARY until the spectral op lands
+    from .ops import log_weighted_transmission
+except ImportError:
+
+    def log_weighted_transmission(a, mu, weights, starts):
+        logt = -(a @ mu)  # [..., E]
+        outs = []
+        for g in range(len(starts) - 1):
+            lo, hi = starts[g], starts[g + 1]
+            outs.append(torch.logsumexp(logt[..., None, lo:hi] + weights[:, lo:hi].log(), dim=-1))
+        return torch.stack(outs, dim=-1)
+
+
+from .physics.density import check_density
+from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
+from .physics.materials import attenuation_table
+from .physics.noise import NOISE_PRESETS, Noise
+from .physics.segmentation import MaterialChannels, ThresholdSegmentation
+from .physics.spectra import spectrum_preset
+
+__all__ = ["DEEPDRR_PHOTONS_PER_PIXEL", "DRR", "OUTPUT_MODES", "display_image"]
+
+#: Every output mode; which ones a detector can produce is in ``DETECTOR_OUTPUTS``.
+OUTPUT_MODES = ("intensity", "photons", "flat_field", "line_integral", "display")
+#: DeepDRR's ``Projector(photon_count=10000)``: flat-field photons per pixel, our default exposure.
+DEEPDRR_PHOTONS_PER_PIXEL = 1.0e4
+#: Rays whose summed mass thickness reaches this (g/cm^2, 1 cm of water) see the body, for exposure control.
+BODY_MASS_THICKNESS = 1.0
+
+
+def display_image(line_integral: Tensor, low_percentile: float = 0.5, high_percentile: float = 99.5) -> Tensor:
+    """A display image in [0, 1] (bright = attenuating, as on film) of line integrals ``[..., H, W]``.
+
+    Each image is windowed between the given percentiles of its pixels that saw the object (line integral above
+    0.01). Not differentiable (a picture, not a measurement).
+    """
+    images = line_integral.detach()
+    flat = images.reshape(-1, images.shape[-2] * images.shape[-1]).to(torch.float32)
+    out = torch.zeros_like(flat)
+    q = torch.tensor([low_percentile / 100.0, high_percentile / 100.0], device=flat.device)
+    for i, image in enumerate(flat):
+        seen = image[image > 0.01]
+        if seen.numel() == 0:
+            continue
+        if seen.numel() > 1 << 24:  # torch.quantile's input limit; a strided subsample estimates it well
+            seen = seen[:: math.ceil(seen.numel() / (1 << 24))]
+        low, high = torch.quantile(seen, q)
+        out[i] = ((image - low) / (high - low).clamp_min(1e-12)).clamp(0.0, 1.0)
+    return out.reshape(images.shape).to(line_integral.dtype)
+
+
+def _as_spectrum(spectrum: str | float | tuple, energy_bin_keV: int) -> tuple[Tensor, Tensor]:
+    if isinstance(spectrum, str):
+        return spectrum_preset(spectrum, energy_bin_keV=energy_bin_keV)
+    if isinstance(spectrum, (int, float)) and not isinstance(spectrum, bool):
+        if not (math.isfinite(spectrum) and spectrum > 0):
+            raise ValueError(f"a monoenergetic spectrum needs a positive energy in keV, got {spectrum!r}")
+        return torch.tensor([float(spectrum)], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    if isinstance(spectrum, (tuple, list)) and len(spectrum) == 2:
+        energy = torch.as_tensor(spectrum[0], dtype=torch.float64).detach().cpu()
+        photons = torch.as_tensor(spectrum[1], dtype=torch.float64).detach().cpu()
+        if energy.dim() != 1 or energy.numel() == 0 or photons.shape != energy.shape:
+            raise ValueError(
+                f"spectrum (energy_keV, photons) must be two 1-D tensors of one length, got shapes "
+                f"{tuple(energy.shape)} and {tuple(photons.shape)}"
+            )
+        if not bool(torch.isfinite(energy).all()) or bool((energy <= 0).any()):
+            raise ValueError("spectrum energies must be finite and > 0 keV")
+        if energy.numel() > 1 and bool((energy[1:] <= energy[:-1]).any()):
+            raise ValueError("spectrum energies must be strictly increasing")
+        return energy, photons
+    raise TypeError(
+        f"spectrum must be a preset name, a monoenergetic energy in keV or (energy_keV, photons), got {spectrum!r}"
+    )
+
+
+def _check_photons(photons: Tensor) -> None:
+    with torch.no_grad():
+        if not bool(torch.isfinite(photons).all()):
+            raise ValueError("spectrum photons must be finite")
+        if bool((photons < 0).any()):
+            raise ValueError(f"spectrum photons must be >= 0 per bin, got minimum {float(photons.min()):g}")
+        if not bool(photons.sum() > 0):
+            raise ValueError("spectrum photons must not all be zero")
+
+
+def _check_finite_volume(values: Tensor, name: str) -> None:
+    with torch.no_grad():
+        bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise ValueError(
+            f"{name} holds {bad} NaN or Inf voxel{'s' if bad != 1 else ''} of {values.numel()}; fix the data "
+            "(e.g. torch.nan_to_num) before rendering"
+        )
+
+
+class DRR(nn.Module):
+    """A calibrated, differentiable X-ray of a CT.
+
+    Args:
+        volume: the CT: a :class:`~torchdrr.io.Volume` or ``[I, J, K]`` tensor of HU (pass an ``nn.Parameter`` to
+            optimise it), or precomputed :class:`~torchdrr.physics.MaterialChannels` (densities ``[M, I, J, K]``
+            in g/cm^3, e.g. from a label map or a segmentation network).
+        affine: ``[4, 4]`` voxel -> world mm; taken from the Volume when ``volume`` is one.
+        segmentation: HU -> material channels (default ``ThresholdSegmentation()``: DeepDRR's air / soft tissue /
+            bone at -800 and 350 HU). ``SoftThresholdSegmentation`` makes the thresholds learnable.
+        spectrum: a preset name ("60kVp", "90kVp" default, "120kVp": DeepDRR's), a monoenergetic energy in keV, or
+            ``(energy_keV [E], photons [E])``. Photons are relative fluence per bin, normalised internally.
+        energy_bin_keV: width of the preset spectra's bins in keV (1 = the tables' resolution).
+        learn_spectrum: make the spectrum weights an ``nn.Parameter`` (they must stay >= 0).
+        detector: ``EnergyIntegratingDetector()`` (default, ideal, DeepDRR's) or ``PhotonCountingDetector(...)``.
+        noise: None (expected values), a preset name ("radiography", "fluoroscopy": noise settings and automatic
+            exposure to their photon target) or a :class:`~torchdrr.physics.noise.Noise`.
+        photons_per_pixel: fixed exposure N0, photons per pixel in the flat field at the principal point.
+        photons_behind_patient: automatic exposure control: per image, N0 is set so that the mean number of
+            detected photons per pixel behind the body (rays through at least 1 g/cm^2) is this value.
+            Default: the noise preset's target, else a fixed N0 of 10^4 (DeepDRR's photon_count).
+        noise_group_keV: compound-Poisson noise of an energy-integrating detector draws one Poisson count per group
+            of this many keV (1 = every spectrum bin, exact; 10, the default, changes the noise variance by under
+            0.1 % for diagnostic spectra and draws 10x fewer numbers).
+        scatter: optional module ``scatter(primary=[B, K, H, W], material_integrals=[B, M, H, W] g/cm^2,
+            camera=Camera) -> [B, K, H, W]`` expected scatter signal, added to the primary before noise (its energy
+            mix is taken as the primary's).
+        output: default output mode (see ``forward``).
+        mode: ray integration, "siddon" (exact voxel intersections) or "trilinear".
+        step: trilinear step in mm.
+        supersample: ``s x s`` rays per pixel; intensities (not line integrals) are averaged.
+        dtype: float32 (default, fast) or float64 (gradient checks) for the volume and the rays.
+    """
+
+    def __init__(
+        self,
+        volume: Volume | Tensor | MaterialChannels,
+        affine: Tensor | np.ndarray | None = None,
+        *,
+        segmentation: nn.Module | None = None,
+        spectrum: str | float | tuple[Tensor, Tensor] = "90kVp",
+        energy_bin_keV: int = 1,
+        learn_spectrum: bool = False,
+        detector: EnergyIntegratingDetector | PhotonCountingDetector | None = None,
+        noise: Noise | str | None = None,
+        photons_per_pixel: float | None = None,
+        photons_behind_patient: float | None = None,
+        noise_group_keV: int = 10,
+        scatter: nn.Module | None = None,
+        output: str = "line_integral",
+        mode: str = "siddon",
+        step: float | None = None,
+        supersample: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.dtype = dtype
+
+        # --- the volume -------------------------------------------------------------------------------------------
+        if isinstance(volume, Volume):
+            affine = volume.affine if affine is None else affine
+            volume = volume.data
+        if affine is None:
+            raise ValueError("affine is required when volume is a tensor or MaterialChannels")
+        affine = torch.as_tensor(affine).detach()
+        if tuple(affine.shape) != (4, 4) or not affine.is_floating_point():
+            raise ValueError(f"affine must be a [4, 4] floating-point matrix, got shape {tuple(affine.shape)}")
+        # A plain attribute, not a buffer: the op reads it on the host, so it must never move to the GPU.
+        self.affine = affine.to("cpu", torch.float64)
+        if isinstance(volume, MaterialChannels):
+            densities = volume.densities
+            if not isinstance(densities, Tensor) or densities.dim() != 4 or densities.shape[0] != len(volume.materials):
+                raise ValueError("MaterialChannels.densities must be [M, I, J, K] with one channel per material")
+            _check_finite_volume(densities, "the material densities")
+            check_density(densities, "MaterialChannels.densities")
+            self.materials = tuple(volume.materials)
+            self.segmentation = None
+            self._register_volume("densities", densities)
+            self.hu = None
+        else:
+            if not isinstance(volume, Tensor) or volume.dim() != 3 or not volume.is_floating_point():
+                shape = tuple(volume.shape) if isinstance(volume, Tensor) else type(volume).__name__
+                raise ValueError(
+                    f"volume must be a Volume, an [I, J, K] float tensor of HU or MaterialChannels, got {shape}"
+                )
+            _check_finite_volume(volume, "the CT volume")
+            self.segmentation = segmentation if segmentation is not None else ThresholdSegmentation()
+            self.materials = tuple(self.segmentation.materials)
+            self._register_volume("hu", volume)
+            self.densities = None
+        if not 1 <= len(self.materials) <= 8:
+            raise ValueError(f"the DRR supports 1 to 8 materials, got {len(self.materials)}")
+
+        # --- the beam and the detector ----------------------------------------------------------------------------
+        energy, photons = _as_spectrum(spectrum, energy_bin_keV)
+        _check_photons(photons)
+        self.register_buffer("energy_keV", energy)
+        if learn_spectrum:
+            self.spectrum_weights = nn.Parameter(photons.clone())
+        else:
+            self.register_buffer("spectrum_weights", photons.clone())
+        self.register_buffer("mass_attenuation", attenuation_table(self.materials, energy))  # [M, E] cm^2/g
+        self.detector = detector if detector is not None else EnergyIntegratingDetector()
+        if not isinstance(self.detector, (EnergyIntegratingDetector, PhotonCountingDetector)):
+            raise TypeError(
+                f"detector must be an EnergyIntegratingDetector or PhotonCountingDetector, got {detector!r}"
+            )
+        self.register_buffer("efficiency", self.detector.efficiency(energy))
+        self.channel_bins = self.detector.channel_bins(energy)
+        for k, (start, end) in enumerate(self.channel_bins):
+            if end <= start:
+                raise ValueError(
+                    f"detector channel {k} records no part of the spectrum ({float(energy[0]):g}-{float(energy[-1]):g}"
+                    f" keV); lower its threshold"
+                )
+
+        # --- exposure and noise -----------------------------------------------------------------------------------
+        target = None
+        if isinstance(noise, str):
+            if noise not in NOISE_PRESETS:
+                raise ValueError(f"noise must be None, a Noise module or one of {sorted(NOISE_PRESETS)}, got {noise!r}")
+            target = NOISE_PRESETS[noise].photons_behind_patient
+            noise = Noise.from_preset(noise)
+        if noise is not None and not isinstance(noise, Noise):
+            raise TypeError(f"noise must be None, a preset name or a Noise module, got {type(noise).__name__}")
+        self.noise = noise
+        for name, value in (
+            ("photons_per_pixel", photons_per_pixel),
+            ("photons_behind_patient", photons_behind_patient),
+        ):
+            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name} must be a positive number of photons, got {value!r}")
+        if photons_per_pixel is not None and photons_behind_patient is not None:
+            raise ValueError("give photons_per_pixel (fixed exposure) or photons_behind_patient (automatic), not both")
+        if photons_per_pixel is not None:
+            target = None
+        elif photons_behind_patient is not None:
+            target = float(photons_behind_patient)
+        self.photons_per_pixel = (
+            float(photons_per_pixel) if photons_per_pixel is not None else DEEPDRR_PHOTONS_PER_PIXEL
+        )
+        self.photons_behind_patient = target
+        if isinstance(noise_group_keV, bool) or int(noise_group_keV) != noise_group_keV or noise_group_keV < 1:
+            raise ValueError(f"noise_group_keV must be a whole number of keV >= 1, got {noise_group_keV!r}")
+        self.noise_group_keV = int(noise_group_keV)
+        self.scatter = scatter
+
+        # --- ray casting ------------------------------------------------------------------------------------------
+        self.output = self._check_output(output)
+        if mode not in ("siddon", "trilinear"):
+            raise ValueError(f"mode must be 'siddon' or 'trilinear', got {mode!r}")
+        self.mode, self.step = mode, step
+        if isinstance(supersample, bool) or int(supersample) != supersample or supersample < 1:
+            raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")
+        self.supersample = int(supersample)
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup helpers
+    # ------------------------------------------------------------------------------------------------------------
+    def _register_volume(self, name: str, values: Tensor) -> None:
+        if isinstance(values, nn.Parameter):
+            setattr(self, name, values)  # registered as a parameter: gradients reach the volume
+        else:
+            self.register_buffer(name, values.detach().to(self.dtype))
+
+    def _check_output(self, output: str) -> str:
+        if output not in OUTPUT_MODES:
+            raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
+        if output not in self.detector.outputs:
+            if output == "photons":
+                why = "an energy-integrating detector records deposited energy, not photon counts: use 'intensity' or "
+                why += "a PhotonCountingDetector"
+            else:
+                why = "a photon-counting detector records counts per energy bin: use 'photons'"
+            raise ValueError(f"output {output!r} is not available from this detector ({why})")
+        return output
+
+    @property
+    def device(self) -> torch.device:
+        return self.energy_keV.device
+
+    def material_volume(self) -> Tensor:
+        """The per-material densities the rays integrate: ``[C, I, J, K]`` g/cm^3, channels-last, padded to C = 4 or
+        8 channels for vector loads (``C >= M``, the extra channels zero). Cached while the volume and segmentation
+        are unchanged and need no gradient."""
+        source = self.hu if self.hu is not None else self.densities
+        state = [source, *(self.segmentation.parameters() if self.segmentation is not None else ())]
+        if self.segmentation is not None:
+            state += list(self.segmentation.buffers())
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in state)
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in state)
+        if not needs_grad and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        if self.hu is not None:
+            if self.hu.requires_grad:
+                _check_finite_volume(self.hu, "the CT volume")
+            densities = self.segmentation(self.hu.to(self.dtype)).densities.to(self.dtype)
+        else:
+            densities = self.densities.to(self.dtype)
+        m = densities.shape[0]
+        padded = 4 if m <= 4 else 8
+        channels_last = densities.permute(1, 2, 3, 0)
+        if padded > m:
+            zeros = channels_last.new_zeros((*channels_last.shape[:3], padded - m))
+            channels_last = torch.cat([channels_last, zeros], dim=-1)
+        volume = channels_last.contiguous().permute(3, 0, 1, 2)
+        if needs_grad:
+            self._cache = None
+            return volume
+        volume = volume.detach()
+        self._cache = (key, volume)
+        return volume
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised spectrum p [E], the count row p*eta [E] and the energy row p*eta*E [E] (float64)."""
+        photons = self.spectrum_weights.to(torch.float64)
+        if self.spectrum_weights.requires_grad:
+            _check_photons(photons)
+        p = photons / photons.sum()
+        counts = p * self.efficiency
+        return p, counts, counts * self.energy_keV
+
+    def _groups(self, noisy: bool) -> tuple[list[int], int]:
+        """Group boundaries over the spectrum bins (G + 1 indices) and the number of groups of each channel.
+
+        A channel is one group, except for compound-Poisson noise on an energy-integrating detector (one channel),
+        which draws one count per ``noise_group_keV`` of spectrum. Channels own consecutive groups."""
+        # Both the compound draw and its differentiable Gaussian stand-in need the per-group energies.
+        split = noisy and self.detector.kind == "energy-integrating" and self.noise.method in ("compound", "gaussian")
+        e = self.energy_keV
+        bin_width = float(e[1] - e[0]) if e.numel() > 1 else 1.0
+        per_group = max(1, round(self.noise_group_keV / bin_width)) if split else None
+        starts = []
+        for start, end in self.channel_bins:
+            starts += list(range(start, end, per_group)) if per_group else [start]
+        starts.append(self.channel_bins[-1][1])
+        return starts, (len(starts) - 1) // len(self.channel_bins)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Rendering
+    # ------------------------------------------------------------------------------------------------------------
+    def material_line_integrals(self, camera: Camera) -> Tensor:
+        """Per-material mass thicknesses along every sub-ray: ``[B, H * W * s * s, M]`` in g/cm^2."""
+        if not isinstance(camera, Camera):
+            raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
+        camera = camera.to(device=self.device)
+        volume = self.material_volume()
+        sources, targets = camera.rays(self.supersample)
+        integrals = raycast(
+            volume, self.affine, sources.to(self.dtype), targets.to(self.dtype), mode=self.mode, step=self.step
+        )
+        return integrals[..., : len(self.materials)] / 10.0  # density x mm -> g/cm^2
+
+    def forward(
+        self,
+        camera: Camera,
+        output: str | None = None,
+        generator: torch.Generator | None = None,
+        noisy: bool | None = None,
+    ) -> Tensor:
+        """Renders the X-ray images seen by a batch of cameras.
+
+        Args:
+            camera: B poses sharing one detector (``Camera``; its tensors may require grad).
+            output: "intensity" (energy-integrating: deposited energy, keV per pixel), "photons" (photon counting:
+                counts per bin), "flat_field" (I / I0), "line_integral" (-log(I / I0), dimensionless) or "display"
+                ([0, 1], bright = attenuating). Default: the module's ``output``.
+            generator: random source of the noise (seed it for reproducible images).
+            noisy: draw noise (default: when the module has a noise model); False gives expected values.
+
+        Returns:
+            ``[B, K, H, W]`` in the module's dtype, K = 1 for an energy-integrating detector or the number of
+            photon-counting bins.
+        """
+        output = self._check_output(output) if output is not None else self.output
+        noisy = self.noise is not None if noisy is None else bool(noisy)
+        if noisy and self.noise is None:
+            raise ValueError("noisy=True needs a noise model: DRR(..., noise='radiography' or Noise(...))")
+        camera = camera.to(device=self.device) if isinstance(camera, Camera) else camera
+        integrals = self.material_line_integrals(camera)  # [B, R, M]
+        b, h, w, s2 = camera.batch_size, camera.height, camera.width, self.supersample**2
+        k = self.detector.channels
+        counting = self.detector.kind == "photon-counting"
+        exposure_control = self.photons_behind_patient is not None
+
+        p, count_row, energy_row = self._weights()
+        rows = [count_row] if counting else ([count_row, energy_row] if (noisy or exposure_control) else [energy_row])
+        measure = 0 if counting else len(rows) - 1  # the row the detector reads
+        starts, groups = self._groups(noisy)
+        weights = torch.stack(rows).to(self.dtype)
+        mu = self.mass_attenuation.to(self.dtype)
+        log_terms = log_weighted_transmission(integrals, mu, weights, starts)  # [B, R, Q, G]
+
+        # Per sub-ray log factor: falloff of the flat field.
+        if self.detector.falloff:
+            falloff = falloff_factor(camera.intrinsics.to(self.device), h, w, self.supersample).to(self.dtype)
+            log_falloff = falloff.log().view(1, -1, 1, 1)
+        else:
+            falloff = None
+            log_falloff = torch.zeros((), dtype=self.dtype, device=self.device)
+        log_terms = log_terms + log_falloff
+
+        pixel_integrals = integrals.reshape(b, h * w, s2, -1).mean(2)  # [B, H*W, M]
+        log_n0 = self._log_exposure(log_terms, pixel_integrals, b, h * w, s2, groups)  # [B]
+
+        # Flat field per channel (no object): log N0 + log mean falloff + log sum of the channel's weights.
+        measure_row = weights[measure].to(torch.float64)
+        flat_channels = torch.stack([measure_row[a:e].sum() for a, e in self.channel_bins]).log().to(self.dtype)
+        mean_falloff = (
+            falloff.view(h * w, s2).mean(1).log()
+            if falloff is not None
+            else torch.zeros(h * w, dtype=self.dtype, device=self.device)
+        )
+        log_flat = log_n0.view(b, 1, 1) + flat_channels.view(1, k, 1) + mean_falloff.view(1, 1, h * w)  # [B, K, HW]
+
+        # Expected signal per pixel and channel, in log space: logmeanexp over sub-rays of the channel's groups.
+        log_meas = self._per_channel(log_terms[..., measure, :], groups)  # [B, R, K]
+        log_signal = torch.logsumexp(log_meas.reshape(b, h * w, s2, k), dim=2) - math.log(s2)
+        log_signal = log_signal.transpose(1, 2) + log_n0.view(b, 1, 1)  # [B, K, HW]
+
+        scatter_ratio = None
+        if self.scatter is not None:
+            primary = log_signal.exp().reshape(b, k, h, w)
+            material_integrals = pixel_integrals.transpose(1, 2).reshape(b, -1, h, w)
+            scatter = self.scatter(primary=primary, material_integrals=material_integrals, camera=camera)
+            if not isinstance(scatter, Tensor) or scatter.shape != primary.shape:
+                got = tuple(scatter.shape) if isinstance(scatter, Tensor) else type(scatter).__name__
+                raise ValueError(f"scatter must return the primary's shape {tuple(primary.shape)}, got {got}")
+            total = primary + scatter
+            tiny = torch.finfo(total.dtype).tiny
+            scatter_ratio = total / primary.clamp_min(tiny)
+            log_signal = total.clamp_min(tiny).log().reshape(b, k, h * w)
+
+        if not noisy:
+            signal_log = log_signal
+            line_integral = log_flat - signal_log
+            signal = None
+        else:
+            signal = self._draw(log_terms, log_n0, groups, (b, h, w, s2, k), counting, scatter_ratio, p, generator)
+            floor = 0.5 if counting else 0.5 * self._flat_mean_energy(p)
+            line_integral = log_flat - signal.reshape(b, k, h * w).clamp_min(floor).log()
+
+        if output == "line_integral":
+            result = line_integral
+        elif output == "flat_field":
+            result = (-line_integral).exp() if signal is None else signal.reshape(b, k, h * w) / log_flat.exp()
+        elif output in ("intensity", "photons"):
+            result = log_signal.exp() if signal is None else signal.reshape(b, k, h * w)
+        else:
+            result = display_image(line_integral.reshape(b, k, h, w))
+        return result.reshape(b, k, h, w)
+
+    @staticmethod
+    def _per_channel(log_groups: Tensor, groups: int) -> Tensor:
+        """logsumexp over each channel's consecutive groups: ``[..., K * groups]`` -> ``[..., K]``."""
+        if groups == 1:
+            return log_groups
+        return torch.logsumexp(log_groups.unflatten(-1, (-1, groups)), dim=-1)
+
+    def _log_exposure(
+        self, log_terms: Tensor, pixel_integrals: Tensor, b: int, hw: int, s2: int, groups: int
+    ) -> Tensor:
+        """log N0 per image ``[B]``: fixed, or from automatic exposure control (detached: a machine setting)."""
+        if self.photons_behind_patient is None:
+            return torch.full((b,), math.log(self.photons_per_pixel), dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            detected = self._per_channel(log_terms[..., 0, :], groups)  # count row
+            per_pixel = torch.logsumexp(detected, dim=-1).exp().reshape(b, hw, s2).mean(2)  # photons per unit N0
+            body = pixel_integrals.sum(-1) >= BODY_MASS_THICKNESS  # [B, HW]
+            if not bool(body.any(1).all()):
+                raise ValueError(
+                    "automatic exposure found no pixel behind the body (mass thickness >= 1 g/cm^2) in at least one "
+                    "view; give photons_per_pixel instead"
+                )
+            mean_detected = (per_pixel * body).sum(1) / body.sum(1)
+            return (math.log(self.photons_behind_patient) - mean_detected.log()).to(self.dtype)
+
+    def _flat_mean_energy(self, p: Tensor) -> float:
+        """Mean energy (keV) of the photons the detector absorbs from the flat field."""
+        counts = p * self.efficiency
+        return float((counts * self.energy_keV).sum() / counts.sum())
+
+    def _draw(
+        self,
+        log_terms: Tensor,
+        log_n0: Tensor,
+        groups: int,
+        sizes: tuple[int, int, int, int, int],
+        counting: bool,
+        scatter_ratio: Tensor | None,
+        p: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Noisy signal ``[B, K, H, W]`` from the expected photons (and energies) per group of each pixel."""
+        b, h, w, s2, k = sizes
+        expected = (log_terms + log_n0.view(b, 1, 1, 1)).exp()  # [B, R, Q, G]
+        q = expected.shape[-2]
+        expected = expected.reshape(b, h * w, s2, q, k * groups).mean(2)  # [B, HW, Q, G]
+        expected = expected.permute(0, 2, 3, 1).reshape(b, q, k, groups, h, w)
+        counts = expected[:, 0]
+        energy = None if counting else expected[:, 1]
+        if scatter_ratio is not None:
+            # Scatter is drawn as more photons with the primary's energy mix (Compton's energy loss is ignored).
+            ratio = scatter_ratio.unsqueeze(2)
+            counts = counts * ratio
+            energy = energy * ratio if energy is not None else None
+        photon_energy = None if counting else self._flat_mean_energy(p)
+        return self.noise(counts, energy, generator=generator, photon_energy_keV=photon_energy)
+
+    def extra_repr(self) -> str:
+        exposure = (
+            f"photons_behind_patient={self.photons_behind_patient:g}"
+            if self.photons_behind_patient is not None
+            else f"photons_per_pixel={self.photons_per_pixel:g}"
+        )
+        e = self.energy_keV
+        return (
+            f"materials={self.materials}, spectrum={float(e[0]):g}-{float(e[-1]):g} keV in {e.numel()} bins, "
+            f"{exposure}, output={self.output!r}, mode={self.mode!r}, supersample={self.supersample}, "
+            f"dtype={self.dtype}"
+        )
