@@ -1,5 +1,6 @@
 """A small CUDA forward + backward of both modes, multi-channel and with rays starting inside and missing the
-volume, to run under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory).
+volume, then a full-physics DRR (packed channels-last ray cast, the spectral op, noise) with its backward, to run
+under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory).
 
 Not collected by pytest; benchmarks/gpu_session.sh runs it on the lent GPU.
 """
@@ -21,8 +22,18 @@ def main() -> None:
         for mode in ("siddon", "trilinear"):
             out = torchdrr.raycast(volume, affine, sources, targets, mode=mode)
             out.square().sum().backward()
+    # Packed channels-last volumes (4 and 8 channels) take the vector-load path of the forward.
+    for channels in (4, 8):
+        packed = torch.rand((9, 7, 5, channels), device="cuda").permute(3, 0, 1, 2)
+        torchdrr.raycast(packed, affine, sources.detach(), targets.detach())
+    hu = torch.empty((9, 7, 5), device="cuda").uniform_(-1000.0, 1500.0)
+    drr = torchdrr.DRR(hu, affine, noise=torchdrr.physics.Noise("gaussian", 1.0), photons_per_pixel=100.0).to("cuda")
+    angle = torch.tensor([20.0], device="cuda", dtype=torch.float64, requires_grad=True)
+    camera = torchdrr.Camera.from_carm(angle, 0.0, torch.zeros(3, device="cuda", dtype=torch.float64), sod_mm=60.0,
+                                       sdd_mm=120.0, height=7, width=9, pixel_spacing_mm=(4.0, 4.0))  # fmt: skip
+    drr(camera, generator=torch.Generator("cuda").manual_seed(0)).sum().backward()
     torch.cuda.synchronize()
-    print("sanitize case done:", float(volume.grad.abs().sum()), float(sources.grad.abs().sum()))
+    print("sanitize case done:", float(volume.grad.abs().sum()), float(sources.grad.abs().sum()), float(angle.grad))
 
 
 if __name__ == "__main__":
