@@ -222,6 +222,7 @@ class DRR(nn.Module):
         energy, photons = _as_spectrum(spectrum, energy_bin_keV)
         _check_photons(photons)
         self.register_buffer("energy_keV", energy)
+        self._bin_width_keV = float(energy[1] - energy[0]) if energy.numel() > 1 else 1.0
         if learn_spectrum:
             self.spectrum_weights = nn.Parameter(photons.clone())
         else:
@@ -281,6 +282,7 @@ class DRR(nn.Module):
             raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")
         self.supersample = int(supersample)
         self._cache: tuple[tuple, Tensor] | None = None
+        self._mean_energy_cache: tuple[tuple, float] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Setup helpers
@@ -355,9 +357,7 @@ class DRR(nn.Module):
         which draws one count per ``noise_group_keV`` of spectrum. Channels own consecutive groups."""
         # Both the compound draw and its differentiable Gaussian stand-in need the per-group energies.
         split = noisy and self.detector.kind == "energy-integrating" and self.noise.method in ("compound", "gaussian")
-        e = self.energy_keV
-        bin_width = float(e[1] - e[0]) if e.numel() > 1 else 1.0
-        per_group = max(1, round(self.noise_group_keV / bin_width)) if split else None
+        per_group = max(1, round(self.noise_group_keV / self._bin_width_keV)) if split else None
         starts = []
         for start, end in self.channel_bins:
             starts += list(range(start, end, per_group)) if per_group else [start]
@@ -504,9 +504,14 @@ class DRR(nn.Module):
             return (math.log(self.photons_behind_patient) - mean_detected.log()).to(self.dtype)
 
     def _flat_mean_energy(self, p: Tensor) -> float:
-        """Mean energy (keV) of the photons the detector absorbs from the flat field."""
-        counts = p * self.efficiency
-        return float((counts * self.energy_keV).sum() / counts.sum())
+        """Mean energy (keV) of the photons the detector absorbs from the flat field. Cached per spectrum version, so
+        that rendering does not wait for the device to hand back a number."""
+        key = (id(self.spectrum_weights), self.spectrum_weights._version, self.spectrum_weights.device)
+        if self._mean_energy_cache is None or self._mean_energy_cache[0] != key:
+            counts = p.detach().cpu() * self.efficiency.cpu()
+            value = float((counts * self.energy_keV.cpu()).sum() / counts.sum())
+            self._mean_energy_cache = (key, value)
+        return self._mean_energy_cache[1]
 
     def _draw(
         self,
@@ -533,7 +538,9 @@ class DRR(nn.Module):
             counts = counts * ratio
             energy = energy * ratio if energy is not None else None
         photon_energy = None if counting else self._flat_mean_energy(p)
-        return self.noise(counts, energy, generator=generator, photon_energy_keV=photon_energy)
+        if generator is not None and generator.device != counts.device:
+            raise ValueError(f"generator is on {generator.device}, the DRR renders on {counts.device}")
+        return self.noise(counts, energy, generator=generator, photon_energy_keV=photon_energy, validate=False)
 
     def extra_repr(self) -> str:
         exposure = (

@@ -128,6 +128,11 @@ def _photon_energy(photon_energy_keV: float | Tensor | None, like: Tensor) -> Te
             "photon_energy_keV (the mean detected photon energy of the flat field, keV) is required for electronic "
             "noise on an energy-integrating detector (electronic_std_photons > 0 and energy given), got None"
         )
+    if not isinstance(photon_energy_keV, Tensor):  # a number: checked without touching the device
+        value = float(photon_energy_keV)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"photon_energy_keV must be finite and > 0 keV, got {value!r}")
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
     e = torch.as_tensor(photon_energy_keV).to(device=like.device, dtype=like.dtype)
     if e.dim() != 0:
         raise ValueError(f"photon_energy_keV must be a float or a 0-d tensor, got shape {tuple(e.shape)}")
@@ -235,6 +240,7 @@ class Noise(nn.Module):
         energy: Tensor | None = None,
         generator: torch.Generator | None = None,
         photon_energy_keV: float | Tensor | None = None,
+        validate: bool = True,
     ) -> Tensor:
         """Sample a noisy detector image.
 
@@ -246,12 +252,15 @@ class Noise(nn.Module):
             photon_energy_keV: Mean detected photon energy of the flat field (keV, float or 0-d tensor); converts the
                 electronic noise from photon equivalents to keV. Required when ``electronic_std_photons`` > 0 and
                 ``energy`` is given; ignored otherwise.
+            validate: scan ``counts`` and ``energy`` for negative, NaN and Inf values (a device sync). ``DRR`` passes
+                False: its expectations are exponentials of finite log-values, non-negative by construction.
 
         Returns:
             [B, K, H, W] noisy signal (keV for energy-integrating, counts for photon counting), dtype and device of
             ``counts``. Differentiable only for ``method="gaussian"``.
         """
-        _check_inputs(counts, energy, generator)
+        if validate:
+            _check_inputs(counts, energy, generator)
         electronic_std = self._electronic_std(counts, energy, photon_energy_keV)
         if self.blur_sigma_px > 0:
             _check_blur_size(self.blur_sigma_px, counts.shape[-2:])
