@@ -21,11 +21,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TDRR_HD __host__ __device__ __forceinline__
-#else
-#define TDRR_HD inline
-#endif
+#include "../common/hd.h"
 
 namespace torchdrr {
 
