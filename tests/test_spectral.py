@@ -207,6 +207,31 @@ def test_zero_weight_and_empty_groups_are_minus_inf_with_zero_gradient(device) -
     torch.testing.assert_close(grad_direct, grads[0], rtol=1e-14, atol=0)
 
 
+def test_fully_opaque_ray_is_minus_inf_with_zero_gradient(device) -> None:
+    """An infinite mass thickness (all attenuation > 0) transmits nothing: -inf, and gradient 0, never NaN."""
+    mass_thickness, attenuation, weights = random_case(2, 2, BINS, n_rays=3, seed=4)
+    mass_thickness[1, 1] = math.inf
+    mass_thickness, weights = mass_thickness.to(device).requires_grad_(), weights.to(device).requires_grad_()
+    out = log_weighted_transmission(mass_thickness, attenuation.to(device), weights, [0, 5, BINS])
+    assert torch.all(out[1] == -math.inf) and torch.isfinite(out[[0, 2]]).all()
+    grad_thickness, grad_weights = torch.autograd.grad(out.sum(), (mass_thickness, weights), retain_graph=True)
+    assert torch.all(grad_thickness[1] == 0) and torch.isfinite(grad_thickness).all()
+    live_weights_grad = torch.autograd.grad(out[[0, 2]].sum(), weights)[0]
+    torch.testing.assert_close(grad_weights, live_weights_grad, rtol=1e-14, atol=0)
+
+
+def test_row_with_only_opaque_bins_adds_no_nan_to_the_gradient(device) -> None:
+    """L = -inf (mu * A overflows) in the only bin row 1 weights: row 1 is -inf and must add 0 to the gradient,
+    while row 0 (a finite bin of the same group) keeps its gradient -mu = -1."""
+    mass_thickness = torch.tensor([[1e300]], dtype=torch.float64, device=device, requires_grad=True)
+    attenuation = torch.tensor([[1.0, 1e10]], dtype=torch.float64, device=device)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, device=device)
+    out = log_weighted_transmission(mass_thickness, attenuation, weights, [0, 2])
+    assert out.flatten().tolist() == [-1e300, -math.inf]
+    (grad,) = torch.autograd.grad(out.sum(), mass_thickness)
+    assert grad.item() == -1.0
+
+
 def test_nan_mass_thickness_gives_nan_in_its_ray_only(device) -> None:
     mass_thickness, attenuation, weights = random_case(2, 2, BINS, n_rays=4, seed=2)
     mass_thickness[1, 0] = math.nan
