@@ -61,7 +61,10 @@ def _weights_gradient(
     group_list = [g for g in range(len(group_starts) - 1) for _ in range(group_starts[g], group_starts[g + 1])]
     covered = torch.tensor(bin_list, device=output.device)
     group_of_bin = torch.tensor(group_list, device=output.device)
-    log_transmission = -(mass_thickness @ attenuation.index_select(1, covered))  # [N, E'] at the covered bins
+    # L at the covered bins, [N, E']: a sum over the few materials rather than a matmul, which could run in TF32
+    # on a GPU and lose the precision exp(L - out) needs when L is large.
+    table = attenuation.index_select(1, covered)
+    log_transmission = -sum(mass_thickness[:, m, None] * table[m] for m in range(table.shape[0]))
     out = output.index_select(2, group_of_bin)  # [N, Q, E']
     live = out != -math.inf  # NaN stays live, so that NaN in gives NaN out
     exponent = torch.where(live, log_transmission.unsqueeze(1) - out, 0.0)
