@@ -1,5 +1,6 @@
 // Schemas of torchdrr's custom ops and the Python module that loads them. Kernels register themselves per device in
-// csrc/raycast/raycast_{cpu.cpp,cuda.cu}; fake (meta) kernels and autograd are registered in torchdrr/ops/raycast.py.
+// csrc/<op>/<op>_{cpu.cpp,cuda.cu} (raycast, spectral); fake (meta) kernels and autograd are registered in
+// torchdrr/ops/{raycast,spectral}.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -23,6 +24,16 @@ TORCH_LIBRARY(torchdrr, m) {
   m.def(
       "raycast_backward(Tensor grad_output, Tensor volume, Tensor affine, Tensor sources, Tensor targets, int mode, "
       "float step, bool volume_grad, bool rays_grad) -> (Tensor, Tensor, Tensor)");
+  // Log of spectrally weighted, grouped transmission: mass_thickness [N, M] g/cm^2, attenuation [M, E] cm^2/g,
+  // weights [Q, E] >= 0, group_starts G + 1 non-decreasing bin indices in [0, E]. Returns [N, Q, G]:
+  // out[n, q, g] = log(sum_{e in group g} weights[q, e] exp(-sum_m attenuation[m, e] mass_thickness[n, m])).
+  m.def(
+      "log_weighted_transmission_forward(Tensor mass_thickness, Tensor attenuation, Tensor weights, "
+      "int[] group_starts) -> Tensor");
+  // dLoss/dmass_thickness [N, M] given dLoss/dout and the forward's output (both [N, Q, G]).
+  m.def(
+      "log_weighted_transmission_backward(Tensor grad_output, Tensor output, Tensor mass_thickness, "
+      "Tensor attenuation, Tensor weights, int[] group_starts) -> Tensor");
 }
 
 extern "C" {

@@ -1,6 +1,8 @@
-"""A small CUDA forward + backward of both modes, multi-channel and with rays starting inside and missing the
-volume, then a full-physics DRR (packed channels-last ray cast, the spectral op, noise) with its backward, to run
-under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory).
+"""A small CUDA forward + backward of both raycast modes, multi-channel and with rays starting inside and missing the
+volume; the packed channels-last forward (4 and 8 channels); log_weighted_transmission with its tables in shared
+memory and in global memory (ray counts that are not a multiple of the block size); and a full-physics DRR with its
+backward. Run under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory); the
+spectral part is also worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
 
 Not collected by pytest; benchmarks/gpu_session.sh runs it on the lent GPU.
 """
@@ -32,8 +34,16 @@ def main() -> None:
     camera = torchdrr.Camera.from_carm(angle, 0.0, torch.zeros(3, device="cuda", dtype=torch.float64), sod_mm=60.0,
                                        sdd_mm=120.0, height=7, width=9, pixel_spacing_mm=(4.0, 4.0))  # fmt: skip
     drr(camera, generator=torch.Generator("cuda").manual_seed(0)).sum().backward()
+    for bins in (40, 4000):  # (M + Q) * E * 4 bytes: 1.6 KB in shared memory, 160 KB read from global memory
+        thickness = (4 * torch.rand((1000, 8), device="cuda")).requires_grad_()
+        attenuation = torch.rand((8, bins), device="cuda") / 10
+        weights = torch.rand((2, bins), device="cuda").requires_grad_()
+        starts = [0, bins // 4, bins // 4, bins - 3]
+        out = torchdrr.ops.log_weighted_transmission(thickness, attenuation, weights, starts)
+        torch.where(torch.isfinite(out), out, 0).sum().backward()
     torch.cuda.synchronize()
     print("sanitize case done:", float(volume.grad.abs().sum()), float(sources.grad.abs().sum()), float(angle.grad))
+    print("spectral done:", float(thickness.grad.abs().sum()), float(weights.grad.abs().sum()))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define TDRR_HD __host__ __device__ __forceinline__
-#else
-#define TDRR_HD inline
-#endif
+#include "../common/hd.h"
 
 namespace torchdrr {
 

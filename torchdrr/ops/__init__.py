@@ -2,6 +2,16 @@
 references."""
 
 from .raycast import RAYCAST_MODES, raycast
-from .reference import default_step, raycast_reference
+from .reference import default_step, log_weighted_transmission_reference, raycast_reference
+from .spectral import MAX_MATERIALS, MAX_WEIGHT_ROWS, log_weighted_transmission
 
-__all__ = ["RAYCAST_MODES", "default_step", "raycast", "raycast_reference"]
+__all__ = [
+    "MAX_MATERIALS",
+    "MAX_WEIGHT_ROWS",
+    "RAYCAST_MODES",
+    "default_step",
+    "log_weighted_transmission",
+    "log_weighted_transmission_reference",
+    "raycast",
+    "raycast_reference",
+]

@@ -1,6 +1,7 @@
-"""Pure-PyTorch reference implementation of the ray-casting op.
+"""Pure-PyTorch reference implementations of the ray-casting op and of the spectral op.
 
-This module is the test oracle for the C++/CUDA kernel. It favours clarity and exactness over speed and
+This module is the test oracle for the C++/CUDA kernels (``log_weighted_transmission_reference`` is at the end).
+The ray-casting reference is described below. It favours clarity and exactness over speed and
 memory: every ray is processed at once (vectorised), with intermediate tensors of size
 ``n_rays x (I + J + K + 5)`` (Siddon) or ``n_rays x max_samples`` (trilinear).
 
@@ -24,11 +25,12 @@ leak into gradients for axis-parallel rays or rays that miss.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["default_step", "raycast_reference"]
+__all__ = ["default_step", "log_weighted_transmission_reference", "raycast_reference"]
 
 
 def default_step(affine: Tensor) -> float:
@@ -305,3 +307,51 @@ def _interpolate(vol: Tensor, points: Tensor) -> Tensor:
             flat = flat * n + (highs[axis] if upper else lows[axis])
         result = result + flat_vol[:, flat] * weight
     return result
+
+
+def log_weighted_transmission_reference(
+    mass_thickness: Tensor,
+    attenuation: Tensor,
+    weights: Tensor,
+    group_starts: Sequence[int] | Tensor,
+) -> Tensor:
+    """Log of spectrally weighted, grouped transmission (reference of ``torchdrr.ops.log_weighted_transmission``).
+
+    ``out[..., q, g] = log(sum_{e in g} weights[q, e] * exp(L[..., e]))`` with
+    ``L[..., e] = -sum_m attenuation[m, e] * mass_thickness[..., m]``; group ``g`` is the bins
+    ``[group_starts[g], group_starts[g + 1])``.
+
+    Args:
+        mass_thickness: ``[..., M]`` g/cm^2, float32 or float64.
+        attenuation: ``[M, E]`` cm^2/g, same dtype.
+        weights: ``[Q, E]`` >= 0, same dtype.
+        group_starts: ``G + 1`` non-decreasing bin indices in ``[0, E]`` (list/tuple of ints or 1-D integer tensor).
+
+    Returns:
+        ``[..., Q, G]``; ``-inf`` for empty groups and groups whose weights are all zero (with gradient 0 there).
+
+    Each group's sum is shifted by the largest ``L`` among its bins (logsumexp style, the shift detached from the
+    graph since the result does not depend on it), so autograd gives
+    ``d out / d weights[q, e] = exp(L[e] - out[q, g])`` and
+    ``d out / d mass_thickness[m] = -sum_e weights[q, e] exp(L[e] - out[q, g]) attenuation[m, e]``, as the kernels.
+    The kernels shift each weight row by the largest ``L`` among its bins with positive weight instead, which is
+    more robust; the two differ only where a zero-weight bin's ``L`` exceeds every weighted bin's by more than the
+    dtype's exponent range (about 87 in float32), where this reference underflows to ``-inf``.
+    """
+    starts = [int(s) for s in (group_starts.tolist() if isinstance(group_starts, Tensor) else group_starts)]
+    log_transmission = -(mass_thickness.unsqueeze(-1) * attenuation).sum(-2)  # [..., E]
+    batch_shape = mass_thickness.shape[:-1]
+    rows = weights.shape[0]
+    groups = []
+    for begin, end in zip(starts[:-1], starts[1:], strict=True):
+        if begin == end:
+            groups.append(mass_thickness.new_full((*batch_shape, rows), -math.inf))
+            continue
+        part = log_transmission[..., begin:end]  # [..., E_g]
+        shift = part.detach().amax(-1, keepdim=True)  # [..., 1]
+        shift = torch.where(shift == -math.inf, torch.zeros_like(shift), shift)  # a fully opaque group: sum 0
+        total = (weights[:, begin:end] * torch.exp(part - shift).unsqueeze(-2)).sum(-1)  # [..., Q]
+        empty = total == 0
+        # The double where keeps log(0) out of the graph, so zero-weight groups get gradient 0, not NaN.
+        groups.append(torch.where(empty, -math.inf, shift + torch.log(torch.where(empty, 1.0, total))))
+    return torch.stack(groups, dim=-1)  # [..., Q, G]

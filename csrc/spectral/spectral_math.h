@@ -1,0 +1,137 @@
+// Per-ray math of the log-weighted-transmission ops, shared by the CPU and CUDA kernels (written once, so that the
+// two cannot drift apart; the kernels only decide how rays are spread over threads and where the tables live).
+//
+// For one ray with mass thicknesses a[m] (g/cm^2), a mass-attenuation table mu[m, e] (cm^2/g, [M, E] row-major)
+// and weights w[q, e] >= 0 ([Q, E] row-major):
+//   L[e]      = -sum_m mu[m, e] a[m]                                  (log-transmission in energy bin e)
+//   out[q, g] = log(sum_{e in g} w[q, e] exp(L[e]))                   (group g = bins [starts[g], starts[g+1]))
+//   d out[q, g] / d a[m] = -sum_{e in g} w[q, e] exp(L[e] - out[q, g]) mu[m, e]
+//
+// Numerics: the sum is shifted by its largest term. The shift is the max of L over the bins of the group where
+// w[q, e] > 0, taken per weight row q. Why per row and over weighted bins only: a bin with zero weight contributes
+// nothing, and if it held the group's largest L (e.g. a dual-energy row whose spectrum is zero at the least
+// attenuated energies) a shift by it could make every weighted term underflow to 0 and give -inf instead of the
+// finite answer. With this shift the largest term is w * exp(0) = w > 0, so the sum never underflows to 0.
+// L itself is recomputed in the second pass (M multiply-adds) rather than stored, so no per-ray scratch is needed.
+//
+// Results: -inf where the group is empty or all its weights are 0 (or every weighted bin is fully opaque,
+// L = -inf); NaN where some L in the group is NaN (NaN mass thickness in, NaN out).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../common/hd.h"
+
+namespace torchdrr {
+
+#if !defined(__CUDA_ARCH__)
+using std::exp;
+using std::log;
+#endif
+
+// Limits of the ops: one ray keeps its mass thicknesses and, per group, one shift and one sum per weight row in
+// registers. 8 covers decompositions into a few basis materials and a few detector channels.
+constexpr int kMaxMaterials = 8;
+constexpr int kMaxWeightRows = 8;
+
+// L[e] = -sum_m mu[m, e] a[m] for one bin. a holds kMaxMaterials entries of which the first `materials` are used.
+template <typename T>
+TDRR_HD T log_transmission_at(const T* a, int materials, const T* __restrict__ mu, int64_t bins, int64_t e) {
+  T l = T(0);
+#pragma unroll
+  for (int m = 0; m < kMaxMaterials; ++m) {
+    if (m < materials) l -= mu[m * bins + e] * a[m];
+  }
+  return l;
+}
+
+// Forward of one ray: out[q * groups + g] for q < rows, g < groups. MaxQ >= rows is the register bound.
+template <typename T, int MaxQ>
+TDRR_HD void spectral_ray_forward(const T* a, int materials, const T* __restrict__ mu, const T* __restrict__ w,
+                                  int rows, int64_t bins, const int64_t* __restrict__ starts, int64_t groups,
+                                  T* __restrict__ out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = starts[g], end = starts[g + 1];
+    T shift[MaxQ];
+    bool saw_nan = false;
+#pragma unroll
+    for (int q = 0; q < MaxQ; ++q) shift[q] = -INFINITY;
+    // First pass: the shift of each row.
+    for (int64_t e = begin; e < end; ++e) {
+      const T l = log_transmission_at(a, materials, mu, bins, e);
+      saw_nan = saw_nan || (l != l);
+#pragma unroll
+      for (int q = 0; q < MaxQ; ++q) {
+        if (q < rows && w[q * bins + e] > T(0) && l > shift[q]) shift[q] = l;
+      }
+    }
+    // Second pass: the shifted sums. A row whose shift is still -inf has no finite weighted term; skip it so that
+    // -inf - (-inf) never makes a NaN.
+    T sum[MaxQ];
+#pragma unroll
+    for (int q = 0; q < MaxQ; ++q) sum[q] = T(0);
+    for (int64_t e = begin; e < end; ++e) {
+      const T l = log_transmission_at(a, materials, mu, bins, e);
+#pragma unroll
+      for (int q = 0; q < MaxQ; ++q) {
+        const T weight = q < rows ? w[q * bins + e] : T(0);
+        if (weight > T(0) && shift[q] > T(-INFINITY)) sum[q] += weight * exp(l - shift[q]);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < MaxQ; ++q) {
+      if (q >= rows) continue;
+      T result;
+      if (saw_nan) {
+        result = T(NAN);
+      } else if (shift[q] > T(-INFINITY)) {
+        result = shift[q] + log(sum[q]);
+      } else {
+        result = T(-INFINITY);
+      }
+      out[q * groups + g] = result;
+    }
+  }
+}
+
+// Backward of one ray: grad_a[m] = sum_{q, g} grad_out[q, g] d out[q, g] / d a[m] for m < materials, given the
+// forward's output. Terms with out = -inf (no transmitted weight) contribute 0, as do bins with zero weight: their
+// exp(L - out) may overflow, and 0 * inf would be NaN.
+template <typename T, int MaxQ>
+TDRR_HD void spectral_ray_backward(const T* a, int materials, const T* __restrict__ mu, const T* __restrict__ w,
+                                   int rows, int64_t bins, const int64_t* __restrict__ starts, int64_t groups,
+                                   const T* __restrict__ out, const T* __restrict__ grad_out, T* __restrict__ grad_a) {
+  T acc[kMaxMaterials];
+#pragma unroll
+  for (int m = 0; m < kMaxMaterials; ++m) acc[m] = T(0);
+  for (int64_t g = 0; g < groups; ++g) {
+    T o[MaxQ], go[MaxQ];
+    bool active[MaxQ];
+    bool any = false;
+#pragma unroll
+    for (int q = 0; q < MaxQ; ++q) {
+      o[q] = q < rows ? out[q * groups + g] : T(-INFINITY);
+      go[q] = q < rows ? grad_out[q * groups + g] : T(0);
+      active[q] = !(o[q] == T(-INFINITY));  // NaN stays active, so that NaN in gives NaN out
+      any = any || active[q];
+    }
+    if (!any) continue;
+    for (int64_t e = starts[g]; e < starts[g + 1]; ++e) {
+      const T l = log_transmission_at(a, materials, mu, bins, e);
+      T coefficient = T(0);  // sum_q go[q] w[q, e] exp(L[e] - out[q, g])
+#pragma unroll
+      for (int q = 0; q < MaxQ; ++q) {
+        const T weight = q < rows ? w[q * bins + e] : T(0);
+        if (active[q] && weight > T(0)) coefficient += go[q] * weight * exp(l - o[q]);
+      }
+#pragma unroll
+      for (int m = 0; m < kMaxMaterials; ++m) {
+        if (m < materials) acc[m] -= coefficient * mu[m * bins + e];
+      }
+    }
+  }
+  for (int m = 0; m < materials; ++m) grad_a[m] = acc[m];
+}
+
+}  // namespace torchdrr
