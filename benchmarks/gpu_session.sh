@@ -31,6 +31,8 @@ grep -E "FAILED|Error" "$OUT/pytest.log" | head -20
 
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m tests.cuda_sanitize_case > "$OUT/sanitizer.log" 2>&1
 echo "memcheck rc=$?"; tail -3 "$OUT/sanitizer.log"
+compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m tests.cuda_sanitize_case > "$OUT/racecheck.log" 2>&1
+echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.log"
 
 python3 benchmarks/physics.py --device cuda --sizes 1240x960 > "$OUT/physics.log" 2>&1
 echo "physics bench rc=$?"; cat "$OUT/physics.log"

@@ -25,19 +25,7 @@ from torch import Tensor, nn
 
 from .geometry import Camera
 from .io import Volume
-from .ops import raycast
-
-try:  # TEMPORARY until the spectral op lands
-    from .ops import log_weighted_transmission
-except ImportError:
-
-    def log_weighted_transmission(a, mu, weights, starts):
-        logt = -(a @ mu)  # [..., E]
-        outs = []
-        for g in range(len(starts) - 1):
-            lo, hi = starts[g], starts[g + 1]
-            outs.append(torch.logsumexp(logt[..., None, lo:hi] + weights[:, lo:hi].log(), dim=-1))
-        return torch.stack(outs, dim=-1)
+from .ops import log_weighted_transmission, raycast
 
 
 from .physics.density import check_density
@@ -417,7 +405,8 @@ class DRR(nn.Module):
         starts, groups = self._groups(noisy)
         weights = torch.stack(rows).to(self.dtype)
         mu = self.mass_attenuation.to(self.dtype)
-        log_terms = log_weighted_transmission(integrals, mu, weights, starts)  # [B, R, Q, G]
+        # The tables are valid by construction (registry data; weights checked above): skip the op's value scan.
+        log_terms = log_weighted_transmission(integrals, mu, weights, starts, check_values=False)  # [B, R, Q, G]
 
         # Per sub-ray log factor: falloff of the flat field.
         if self.detector.falloff:

@@ -127,6 +127,7 @@ def log_weighted_transmission(
     attenuation: Tensor,
     weights: Tensor,
     group_starts: Sequence[int] | Tensor,
+    check_values: bool = True,
 ) -> Tensor:
     """Log of the spectrally weighted transmission through several materials, summed over groups of energy bins.
 
@@ -150,6 +151,8 @@ def log_weighted_transmission(
             ``Q <= 8``.
         group_starts: ``G + 1`` non-decreasing bin indices in ``[0, E]``, ``G >= 1``: a list/tuple of ints or a 1-D
             integer tensor on any device (read to the host; under ``torch.compile`` pass a list).
+        check_values: scan ``attenuation`` and ``weights`` for NaN, Inf and negative weights (one reduction and one
+            device sync). Callers whose tables are valid by construction (the ``DRR`` module) pass False.
 
     Returns:
         ``[..., Q, G]`` in ``mass_thickness``'s dtype and device: the log of the weighted transmitted signal
@@ -203,7 +206,7 @@ def log_weighted_transmission(
         raise ValueError(f"attenuation and weights must have at least one energy bin (E >= 1), got E = {bins}")
     starts = _group_starts_list(group_starts, bins)
     require_kernels_for(mass_thickness.device, "mass_thickness")
-    if not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling():
         # One reduction and one sync for both tables; the details are looked up only when something is wrong.
         ok = torch.stack([torch.isfinite(attenuation).all(), (torch.isfinite(weights) & (weights >= 0)).all()])
         attenuation_ok, weights_ok = ok.tolist()
