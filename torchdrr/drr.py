@@ -26,8 +26,6 @@ from torch import Tensor, nn
 from .geometry import Camera
 from .io import Volume
 from .ops import log_weighted_transmission, raycast
-
-
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
 from .physics.materials import attenuation_table
