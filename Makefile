@@ -18,7 +18,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 .PHONY: demo test install lint bench peers clean
 
 demo: $(STAMP)
-	$(PY) -m torchdrr render --out drr.png
+	$(PY) -m torchdrr render --noise radiography --out drr.png
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -108,36 +108,7 @@ def test_display_and_png(tmp_path) -> None:
         save_png(picture, tmp_path / "missing" / "x.png")
 
 
-def test_cli_render_writes_the_picture(tmp_path, capsys) -> None:
-    out = tmp_path / "drr.png"
-    assert main(["render", "--size", "48", "40", "--pixel-spacing", "8", "8", "--out", str(out)]) == 0
-    assert Image.open(out).size == (40, 48)
-    assert "wrote" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["render", "--ct", "missing.nii.gz"], "CT file or folder not found"),
-        (["render", "--size", "0", "10"], "--size must be two positive"),
-        (["render", "--mode", "trilinear", "--step", "-1"], "step must be a positive"),
-        (["render", "--sdd", "-5"], "sdd_mm must be > 0"),
-        (["render", "--device", "tpu"], "--device must be"),
-    ],
-)
-def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message) -> None:
-    out = tmp_path / "drr.png"
-    assert main([*argv, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("torchdrr: error:") and message in err and "\n" not in err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_cli_help_explains(capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["render", "--help"])
-    assert exit_info.value.code == 0
-    assert "bundled LIDC-IDRI-0001" in capsys.readouterr().out
+# The command line's tests (torchdrr render) are in test_cli.py.
 
 
 def test_volume_center() -> None:

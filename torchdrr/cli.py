@@ -4,63 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
 _VIEW_ALIASES = {"pa": "PA", "ap": "AP", "left-lateral": "left lateral", "right-lateral": "right lateral"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports usage errors on one line, ``torchdrr: error: ...``, and exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"torchdrr: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torchdrr",
         description="torchdrr: differentiable X-ray simulation (DRRs) from CT, for PyTorch.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    render = commands.add_parser(
-        "render",
-        help="render a DRR of a CT to a PNG",
-        description=(
-            "Render a line-integral DRR of a CT (NIfTI; default: the bundled LIDC-IDRI-0001 chest CT) seen by a "
-            "C-arm, and write it as an 8-bit PNG (bright = more attenuation). Attenuation is a rough water-based "
-            "mu = 0.02/mm * (1 + HU/1000); the calibrated physics comes with the DRR module."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    render.add_argument(
-        "--ct",
-        type=Path,
-        default=None,
-        help="CT: NIfTI or NRRD file, DICOM series folder or enhanced DICOM file (default: the bundled chest CT)",
-    )
-    render.add_argument("--series-uid", default=None, help="the DICOM series to read when a folder holds several")
-    view = render.add_mutually_exclusive_group()
-    view.add_argument(
-        "--view",
-        default="PA",
-        type=str.lower,
-        choices=sorted(_VIEW_ALIASES),
-        help="named C-arm view: PA (detector anterior), AP, left-lateral, right-lateral",
-    )
-    view.add_argument(
-        "--angles",
-        nargs=2,
-        type=float,
-        metavar=("PRIMARY", "SECONDARY"),
-        help="C-arm angles in degrees (primary: LAO positive; secondary: cranial positive); overrides --view",
-    )
-    render.add_argument("--size", nargs=2, type=int, default=(512, 512), metavar=("ROWS", "COLS"))
-    render.add_argument("--pixel-spacing", nargs=2, type=float, default=(0.85, 0.85), metavar=("ROW_MM", "COL_MM"))
-    render.add_argument("--sdd", type=float, default=1020.0, help="source-to-detector distance, mm")
-    render.add_argument("--sod", type=float, default=850.0, help="source-to-isocenter distance, mm")
-    render.add_argument("--mode", choices=["siddon", "trilinear"], default="siddon")
-    render.add_argument("--step", type=float, default=None, help="trilinear step in mm (default: half a voxel)")
-    render.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
-    render.add_argument("--out", type=Path, default=Path("drr.png"), help="output PNG")
+    _add_render_parser(commands)
 
     sketch = commands.add_parser(
         "sketch",
@@ -79,49 +52,646 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _render(args: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------------------------------------------------
+# torchdrr render
+# --------------------------------------------------------------------------------------------------------------------
+_OUTPUT_UNITS = {
+    "line_integral": "-log(I/I0), dimensionless",
+    "intensity": "deposited energy, keV per pixel",
+    "photons": "detected photons per pixel and bin",
+    "flat_field": "I/I0, dimensionless",
+}
+_IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+_ALL_SUFFIXES = (".png", ".tif", ".tiff", ".npz", ".pt")
+_DEFAULT_THRESHOLDS = (-800.0, 350.0)
+_DEFAULT_FILTRATION_MM_AL = 2.5
+
+_RENDER_DESCRIPTION = """\
+Render digitally reconstructed radiographs (DRRs) of a CT seen by a C-arm.
+
+By default the full physics of torchdrr.DRR is used: the CT (HU) is split into air / soft tissue / bone by HU
+thresholds, every material is integrated along every ray (mass thickness, g/cm^2), a tungsten-anode tube spectrum is
+attenuated bin by bin with tabulated mass attenuation coefficients, and an energy-integrating (flat panel) or
+photon-counting detector records the result, optionally with quantum and electronic noise. --physics line-integral
+instead renders the old rough water-based model, mu = 0.02/mm * (1 + HU/1000), with no spectrum.
+
+The CT defaults to the bundled LIDC-IDRI-0001 chest CT (downsampled); scanner padding (<= -1500 HU) is read as air.
+The isocenter is the centre of the CT. Each --out path's suffix picks its format: .png is a display image (bright =
+attenuating, windowed between the 0.5 and 99.5 percentiles of the pixels that see the body), .tif/.tiff holds the
+calibrated --output values as float32 (one page per detector channel), .npz/.pt holds the camera geometry
+(K, R, t, P = K [R | t]) of all views with their --output images (float32 [B, K, H, W]) and the settings. With several
+views, PNG and TIFF files get a _000, _001, ... suffix per view. Nothing is written unless every view rendered."""
+
+_RENDER_EPILOG = """\
+examples:
+  torchdrr render --noise radiography --out chest.png
+      a PA chest radiograph (90 kVp, automatic exposure to 1000 photons per pixel behind the patient, with noise)
+  torchdrr render --ct scan.nii.gz --angles 0 0 30 0 60 0 --spectrum 120kVp --out run.tif run.npz
+      three views: run_000.tif .. run_002.tif (float32 line integrals) and run.npz (geometry and the 3 images)
+  torchdrr render --detector photon-counting --bins-keV 20 50 --csi 2 --output photons --out counts.tiff counts.pt
+      a 2-bin photon-counting image behind 2 mm of CdTe: a 2-page TIFF of counts and a .pt with the geometry"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every default, except None and False (the help text says what leaving the option out means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or not action.option_strings:
+            return action.help
+        values = default if isinstance(default, (list, tuple)) else [default]
+        text = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        return f"{action.help} (default: {text.replace('%', '%%')})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Never break inside hyphenated words: option names and values such as energy-integrating stay whole.
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+def _view_name(text: str) -> str:
+    key = text.strip().lower().replace(" ", "-").replace("_", "-")
+    if key not in _VIEW_ALIASES:
+        raise argparse.ArgumentTypeError(f"unknown view {text!r}; choose from {', '.join(sorted(_VIEW_ALIASES))}")
+    return key
+
+
+def _add_render_parser(commands) -> None:
+    render = commands.add_parser(
+        "render",
+        help="render DRRs of a CT (full physics by default) to PNG, float32 TIFF and geometry files",
+        description=_RENDER_DESCRIPTION,
+        epilog=_RENDER_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    render.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
+    )
+
+    geometry = render.add_argument_group("geometry")
+    geometry.add_argument(
+        "--ct",
+        type=Path,
+        default=None,
+        help="CT: NIfTI (.nii, .nii.gz) or NRRD file, DICOM series folder or enhanced DICOM file, in HU (default: the "
+        "bundled LIDC-IDRI-0001 chest CT)",
+    )
+    geometry.add_argument(
+        "--series-uid", default=None, help="SeriesInstanceUID to read when a DICOM folder holds several series"
+    )
+    views = geometry.add_mutually_exclusive_group()
+    views.add_argument(
+        "--view",
+        nargs="+",
+        type=_view_name,
+        default=None,
+        metavar="VIEW",
+        help="one or more named C-arm views: pa (detector anterior), ap, left-lateral, right-lateral (default: pa)",
+    )
+    views.add_argument(
+        "--angles",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="DEG",
+        help="one or more pairs of C-arm angles in degrees, PRIMARY SECONDARY [PRIMARY SECONDARY ...] (primary: LAO "
+        "positive, secondary: cranial positive; 0 0 is PA); replaces --view",
+    )
+    geometry.add_argument(
+        "--size", nargs=2, type=int, default=(512, 512), metavar=("ROWS", "COLS"), help="detector size in pixels"
+    )
+    geometry.add_argument(
+        "--pixel-spacing",
+        nargs=2,
+        type=float,
+        default=(0.85, 0.85),
+        metavar=("ROW_MM", "COL_MM"),
+        help="detector pixel pitch in mm (row, column)",
+    )
+    geometry.add_argument("--sdd", type=float, default=1020.0, metavar="MM", help="source-to-detector distance, mm")
+    geometry.add_argument(
+        "--sod", type=float, default=850.0, metavar="MM", help="source-to-isocenter (CT centre) distance, mm"
+    )
+    geometry.add_argument(
+        "--supersample",
+        type=int,
+        default=1,
+        metavar="S",
+        help="S x S rays per pixel (full physics averages their intensities, line-integral their line integrals)",
+    )
+    geometry.add_argument(
+        "--mode",
+        choices=["siddon", "trilinear"],
+        default="siddon",
+        help="ray integration: siddon (exact voxel intersections) or trilinear (interpolated samples every --step)",
+    )
+    geometry.add_argument(
+        "--step", type=float, default=None, metavar="MM", help="trilinear sample step in mm (default: half a voxel)"
+    )
+
+    physics = render.add_argument_group("physics")
+    physics.add_argument(
+        "--physics",
+        choices=["full", "line-integral"],
+        default="full",
+        help="full: materials, spectrum, detector and noise (torchdrr.DRR); line-integral: the rough water model "
+        "mu = 0.02/mm * (1 + HU/1000), with no spectrum, material, detector or noise options",
+    )
+    physics.add_argument(
+        "--spectrum",
+        choices=list(_spectrum_presets()),
+        default="90kVp",
+        help="tube spectrum preset (DeepDRR's: 60 kVp + 3.5 mm Al, 90 kVp + 4 mm Al, 120 kVp + 4.3 mm Al)",
+    )
+    physics.add_argument(
+        "--kvp",
+        type=float,
+        default=None,
+        metavar="KVP",
+        help="custom tungsten-anode spectrum at this tube voltage (40-150 kVp); replaces --spectrum",
+    )
+    physics.add_argument(
+        "--filtration",
+        type=float,
+        default=None,
+        metavar="MM_AL",
+        help=f"added aluminium filtration of the --kvp spectrum, mm (default: {_DEFAULT_FILTRATION_MM_AL:g} mm; "
+        "needs --kvp)",
+    )
+    physics.add_argument(
+        "--mono",
+        type=float,
+        default=None,
+        metavar="KEV",
+        help="monoenergetic beam at this energy in keV; replaces --spectrum and --kvp",
+    )
+    physics.add_argument(
+        "--thresholds",
+        nargs=2,
+        type=float,
+        default=_DEFAULT_THRESHOLDS,
+        metavar=("AIR_SOFT", "SOFT_BONE"),
+        help="HU thresholds between air and soft tissue, and soft tissue and cortical bone",
+    )
+    physics.add_argument(
+        "--soft-thresholds",
+        action="store_true",
+        help="sigmoid (soft) material memberships of width 25 HU around --thresholds instead of hard thresholds",
+    )
+    physics.add_argument(
+        "--detector",
+        choices=["energy-integrating", "photon-counting"],
+        default="energy-integrating",
+        help="energy-integrating: a flat panel recording deposited energy (one channel); photon-counting: counts per "
+        "energy bin (one channel per bin)",
+    )
+    physics.add_argument(
+        "--bins-keV",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="T",
+        dest="bins_keV",
+        help="photon-counting energy thresholds in keV, increasing; bin k counts photons from T_k to T_k+1, the last "
+        "bin everything above (default: one bin above 20 keV; needs --detector photon-counting)",
+    )
+    physics.add_argument(
+        "--csi",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="absorber thickness in mm: the CsI scintillator of an energy-integrating detector, the CdTe sensor of a "
+        "photon-counting one (default: an ideal detector that absorbs every photon)",
+    )
+    physics.add_argument(
+        "--falloff",
+        action="store_true",
+        help="apply the flat field's inverse-square and obliquity falloff (cos^3 of the ray's angle to the detector "
+        "normal)",
+    )
+    physics.add_argument(
+        "--noise",
+        choices=["none", "radiography", "fluoroscopy"],
+        default="none",
+        help="none: expected values; radiography / fluoroscopy: quantum (Poisson) and electronic noise and detector "
+        "blur, with automatic exposure to 1000 / 30 detected photons per pixel behind the patient",
+    )
+    exposure = physics.add_mutually_exclusive_group()
+    exposure.add_argument(
+        "--photons",
+        type=float,
+        default=None,
+        metavar="N0",
+        help="fixed exposure: photons per pixel in the flat field (no object) at the detector centre (default: the "
+        "--noise preset's automatic exposure, else 10000, DeepDRR's)",
+    )
+    exposure.add_argument(
+        "--photons-behind-patient",
+        type=float,
+        default=None,
+        metavar="N",
+        help="automatic exposure: per view, scale the exposure so that the pixels behind the body (rays through >= "
+        "1 g/cm^2) detect N photons on average",
+    )
+    physics.add_argument(
+        "--seed", type=int, default=0, help="seed of the noise's random generator (the same seed gives the same images)"
+    )
+    physics.add_argument(
+        "--output",
+        choices=list(_OUTPUT_UNITS),
+        default=None,
+        help="the calibrated quantity written to .tif/.npz/.pt: line_integral (-log(I/I0)), intensity (keV per pixel, "
+        "energy-integrating), photons (counts per pixel and bin, photon-counting) or flat_field (I/I0) (default: "
+        "line_integral for energy-integrating, photons for photon-counting)",
+    )
+
+    hardware = render.add_argument_group("device")
+    hardware.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    hardware.add_argument("--batch-size", type=int, default=8, metavar="N", help="views rendered per DRR call")
+
+    outputs = render.add_argument_group("outputs")
+    outputs.add_argument(
+        "--out",
+        nargs="+",
+        type=Path,
+        default=[Path("drr.png")],
+        metavar="PATH",
+        help="output files; the suffix picks the format: .png (display image), .tif/.tiff (float32 --output), "
+        ".npz/.pt (geometry, --output images and settings). The folders must exist",
+    )
+    outputs.add_argument("--bit-depth", type=int, choices=[8, 16], default=8, help="PNG bits per pixel")
+
+
+def _spectrum_presets() -> dict:
+    from .physics.spectra import PRESETS
+
+    return PRESETS
+
+
+@dataclass
+class _Job:
+    """A checked render request: everything needed to render and write, decided before any work is done."""
+
+    poses: list[tuple[float, float, str]]
+    files: list[tuple[Path, str, int | None]]  # (path, format, view index or None for all views)
+    device: Any
+    output: str
+    spectrum: Any
+    spectrum_label: str
+
+
+def _positive(value: float | None, option: str, what: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{option} must be a positive {what}, got {value:g}")
+
+
+def _poses(args: argparse.Namespace) -> list[tuple[float, float, str]]:
+    from .geometry import NAMED_VIEWS
+
+    if args.angles is not None:
+        if len(args.angles) % 2:
+            raise ValueError(
+                f"--angles takes pairs of degrees, PRIMARY SECONDARY [PRIMARY SECONDARY ...], got {len(args.angles)} "
+                "numbers"
+            )
+        if not all(math.isfinite(a) for a in args.angles):
+            raise ValueError("--angles must be finite numbers of degrees")
+        pairs = list(zip(args.angles[::2], args.angles[1::2], strict=True))
+        return [(p, s, f"angles ({p:g}, {s:g})") for p, s in pairs]
+    names = args.view if args.view is not None else ["pa"]
+    return [(*NAMED_VIEWS[_VIEW_ALIASES[n]], _VIEW_ALIASES[n]) for n in names]
+
+
+def _output_files(paths: list[Path], views: int) -> list[tuple[Path, str, int | None]]:
+    from .io.writers import check_output_path
+
+    files: list[tuple[Path, str, int | None]] = []
+    for path in paths:
+        suffix = path.suffix.lower()
+        if suffix not in _ALL_SUFFIXES:
+            raise ValueError(f"--out {path}: the suffix must be one of {', '.join(_ALL_SUFFIXES)}")
+        kind = {".png": "png", ".tif": "tiff", ".tiff": "tiff", ".npz": "geometry", ".pt": "geometry"}[suffix]
+        if kind == "geometry" or views == 1:
+            targets = [(path, None if kind == "geometry" else 0)]
+        else:
+            targets = [(path.with_name(f"{path.stem}_{i:03d}{path.suffix}"), i) for i in range(views)]
+        for target, view in targets:
+            check_output_path(target, _ALL_SUFFIXES)
+            files.append((target, kind, view))
+    seen: set[Path] = set()
+    for target, _, _ in files:
+        key = target.resolve()
+        if key in seen:
+            raise ValueError(f"--out would write {target} twice")
+        seen.add(key)
+    return files
+
+
+def _device(text: str):
     import torch
 
-    from .io import Volume, bundled_ct_path
-    from .render import hu_to_mu, render_carm, save_png, to_display
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
-    primary, secondary, label = _angles(args)
+
+def _check_render_args(args: argparse.Namespace) -> _Job:
+    """Validates every option and combination; raises ValueError with a message naming the option."""
     rows, cols = args.size
     if rows < 1 or cols < 1:
         raise ValueError(f"--size must be two positive pixel counts, got {rows} {cols}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else None
-    if device is None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    if not all(math.isfinite(s) and s > 0 for s in args.pixel_spacing):
+        raise ValueError(f"--pixel-spacing must be two positive pitches in mm, got {args.pixel_spacing[0]:g} "
+                         f"{args.pixel_spacing[1]:g}")  # fmt: skip
+    _positive(args.sdd, "--sdd", "distance in mm")
+    _positive(args.sod, "--sod", "distance in mm")
+    if args.sod >= args.sdd:
+        raise ValueError(f"--sod ({args.sod:g} mm) must be less than --sdd ({args.sdd:g} mm): the isocenter lies "
+                         "between the source and the detector")  # fmt: skip
+    if args.supersample < 1:
+        raise ValueError(f"--supersample must be a whole number >= 1, got {args.supersample}")
+    _positive(args.step, "--step", "distance in mm")
+    if args.step is not None and args.mode != "trilinear":
+        raise ValueError("--step applies to --mode trilinear only")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    full = args.physics == "full"
+    if not full:
+        given = [
+            flag
+            for flag, used in (
+                ("--spectrum", args.spectrum != "90kVp"),
+                ("--kvp", args.kvp is not None),
+                ("--filtration", args.filtration is not None),
+                ("--mono", args.mono is not None),
+                ("--thresholds", tuple(args.thresholds) != _DEFAULT_THRESHOLDS),
+                ("--soft-thresholds", args.soft_thresholds),
+                ("--detector", args.detector != "energy-integrating"),
+                ("--bins-keV", args.bins_keV is not None),
+                ("--csi", args.csi is not None),
+                ("--falloff", args.falloff),
+                ("--noise", args.noise != "none"),
+                ("--photons", args.photons is not None),
+                ("--photons-behind-patient", args.photons_behind_patient is not None),
+                ("--output", args.output not in (None, "line_integral")),
+            )
+            if used
+        ]
+        if given:
+            raise ValueError(
+                f"--physics line-integral has no spectrum, materials, detector or noise: drop {', '.join(given)} (or "
+                "use --physics full)"
+            )
+    counting = args.detector == "photon-counting"
+    if args.bins_keV is not None:
+        if not counting:
+            raise ValueError("--bins-keV sets photon-counting thresholds: it needs --detector photon-counting")
+        if not all(math.isfinite(t) and t > 0 for t in args.bins_keV):
+            raise ValueError("--bins-keV must be positive energies in keV")
+        if any(b <= a for a, b in zip(args.bins_keV[:-1], args.bins_keV[1:], strict=True)):
+            raise ValueError(f"--bins-keV must increase, got {' '.join(f'{t:g}' for t in args.bins_keV)}")
+    output = args.output or ("photons" if counting else "line_integral")
+    if output == "photons" and not counting:
+        raise ValueError("--output photons needs --detector photon-counting (an energy-integrating detector records "
+                         "deposited energy: use --output intensity)")  # fmt: skip
+    if output == "intensity" and counting:
+        raise ValueError("--output intensity needs an energy-integrating detector (a photon-counting detector "
+                         "records counts: use --output photons)")  # fmt: skip
+
+    spectrum: Any = args.spectrum
+    label = args.spectrum
+    if args.filtration is not None and args.kvp is None:
+        raise ValueError("--filtration sets the filtration of a --kvp spectrum: give --kvp too")
+    if args.kvp is not None:
+        from .physics.spectra import KVP_RANGE
+        from .physics.spectra import spectrum as tube_spectrum
+
+        if not (math.isfinite(args.kvp) and KVP_RANGE[0] <= args.kvp <= KVP_RANGE[1]):
+            raise ValueError(f"--kvp must lie in {KVP_RANGE[0]:g}-{KVP_RANGE[1]:g} kVp, got {args.kvp:g}")
+        filtration = _DEFAULT_FILTRATION_MM_AL if args.filtration is None else args.filtration
+        if not (math.isfinite(filtration) and filtration >= 0):
+            raise ValueError(f"--filtration must be >= 0 mm of aluminium, got {filtration:g}")
+        if args.mono is None:
+            spectrum = tube_spectrum(args.kvp, filtration_mm_al=filtration)
+            label = f"{args.kvp:g} kVp + {filtration:g} mm Al"
+    if args.mono is not None:
+        _positive(args.mono, "--mono", "energy in keV")
+        spectrum, label = float(args.mono), f"{args.mono:g} keV"
+    if not full:
+        label = "none"
+    if not args.thresholds[0] < args.thresholds[1]:
+        raise ValueError(f"--thresholds must increase (AIR_SOFT < SOFT_BONE), got {args.thresholds[0]:g} "
+                         f"{args.thresholds[1]:g}")  # fmt: skip
+    _positive(args.csi, "--csi", "thickness in mm")
+    _positive(args.photons, "--photons", "number of photons per pixel")
+    _positive(args.photons_behind_patient, "--photons-behind-patient", "number of photons per pixel")
+
+    poses = _poses(args)
+    files = _output_files(list(args.out), len(poses))
+    device = _device(args.device)
+    return _Job(poses, files, device, output, spectrum, label)
+
+
+def _build_drr(args: argparse.Namespace, job: _Job, volume):
+    from .drr import DRR
+    from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector
+    from .physics.segmentation import SoftThresholdSegmentation, ThresholdSegmentation
+
+    thresholds = tuple(args.thresholds)
+    if args.soft_thresholds:
+        segmentation = SoftThresholdSegmentation(thresholds=thresholds, temperature=25.0)
+    else:
+        segmentation = ThresholdSegmentation(thresholds=thresholds)
+    if args.detector == "photon-counting":
+        bins = tuple(args.bins_keV) if args.bins_keV is not None else (20.0,)
+        detector = PhotonCountingDetector(bins, absorber_thickness_mm=args.csi, falloff=args.falloff)
+    else:
+        detector = EnergyIntegratingDetector(absorber_thickness_mm=args.csi, falloff=args.falloff)
+    drr = DRR(
+        volume,
+        segmentation=segmentation,
+        spectrum=job.spectrum,
+        detector=detector,
+        noise=None if args.noise == "none" else args.noise,
+        photons_per_pixel=args.photons,
+        photons_behind_patient=args.photons_behind_patient,
+        output=job.output,
+        mode=args.mode,
+        step=args.step,
+        supersample=args.supersample,
+    )
+    return drr.to(job.device)
+
+
+def _render(args: argparse.Namespace) -> None:
+    import torch
+
+    from .drr import display_image
+    from .geometry import Camera
+    from .io import Volume, bundled_ct_path
+    from .io.writers import save_geometry, save_png, save_tiff
+    from .render import hu_to_mu, render_line_integrals
+
+    job = _check_render_args(args)
+    device = job.device
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
     # Scanner padding outside the reconstruction circle is air (design.md §4).
     volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
-    hu, affine = volume.data, volume.affine
-    mu = hu_to_mu(hu).to(device)
+    affine64 = volume.affine.to(torch.float64)
+    isocenter = volume.center  # cameras are built on the CPU; the DRR moves them to its device
+    rows, cols = args.size
+    full = args.physics == "full"
+    if full:
+        drr = _build_drr(args, job, volume)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    else:
+        mu = hu_to_mu(volume.data).to(device)
+    need_display = any(kind == "png" for _, kind, _ in job.files)
+    need_values = any(kind != "png" for _, kind, _ in job.files)
+
+    def cameras(first: int, last: int) -> Camera:
+        angles = torch.tensor([(p, s) for p, s, _ in job.poses[first:last]], dtype=torch.float64)
+        return Camera.from_carm(
+            angles[:, 0],
+            angles[:, 1],
+            isocenter,
+            sod_mm=args.sod,
+            sdd_mm=args.sdd,
+            height=rows,
+            width=cols,
+            pixel_spacing_mm=tuple(args.pixel_spacing),
+        )
+
+    n = len(job.poses)
+    batches = [(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
+    values: list[torch.Tensor] = []
+    line_integrals: list[torch.Tensor] = []
+    progress = _progress(total=n, show=len(batches) > 1 or n > 1)
     start = time.perf_counter()
-    image = render_carm(
-        mu,
-        affine,
-        primary,
-        secondary,
-        height=rows,
-        width=cols,
-        pixel_spacing_mm=tuple(args.pixel_spacing),
-        sdd_mm=args.sdd,
-        sod_mm=args.sod,
-        mode=args.mode,
-        step=args.step,
-    )
+    with torch.no_grad():
+        for first, last in batches:
+            camera = cameras(first, last)
+            if not full:
+                image = render_line_integrals(mu, camera, affine64, mode=args.mode, step=args.step,
+                                              supersample=args.supersample)  # fmt: skip
+                values.append(image.float().cpu())
+                line_integrals.append(image.float().cpu())
+            else:
+                state = generator.get_state()
+                if need_values or job.output == "line_integral":
+                    values.append(drr(camera, output=job.output, generator=generator).float().cpu())
+                if need_display:
+                    if job.output == "line_integral" and values:
+                        line_integrals.append(values[-1])
+                    else:
+                        generator.set_state(state)  # the same noise draws as the --output images
+                        line_integrals.append(drr(camera, output="line_integral", generator=generator).float().cpu())
+            progress.update(last - first)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
-    out = save_png(to_display(image[0, 0]), args.out)
+    progress.close()
+
+    what = "line-integral (water model)" if not full else f"{job.spectrum_label}, {args.detector}, noise {args.noise}"
     print(
-        f"wrote {out} ({rows}x{cols}, {label}, {args.mode}) from {ct_path.name} "
-        f"{tuple(hu.shape)} on {device} in {elapsed * 1000:.0f} ms"
+        f"rendered {n} view{'s' if n != 1 else ''} of {rows}x{cols} px ({what}) from {Path(ct_path).name} "
+        f"{tuple(volume.shape)} on {device} in {elapsed * 1000:.0f} ms"
     )
+
+    images = torch.cat(values) if values else None
+    pictures = None
+    if need_display:
+        li = torch.cat(line_integrals)
+        pictures = display_image(li.mean(1))  # [B, H, W]; several photon-counting bins: their mean line integral
+    # Every file is first written under a temporary name next to its destination; only when all are written are
+    # they renamed into place, so a failure leaves none of them behind.
+    staged: list[tuple[Path, Path]] = []
+    lines: list[str] = []
+    try:
+        for path, kind, view in job.files:
+            temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+            staged.append((temporary, path))
+            label = job.poses[view][2] if view is not None else f"{n} view{'s' if n != 1 else ''}"
+            if kind == "png":
+                save_png(pictures[view], temporary, bit_depth=args.bit_depth)
+                detail = f"{args.bit_depth}-bit display image {rows}x{cols}, {label}"
+            elif kind == "tiff":
+                save_tiff(images[view], temporary)
+                channels = images.shape[1]
+                pages = f", {channels} pages" if channels > 1 else ""
+                detail = f"float32 {job.output} [{_OUTPUT_UNITS[job.output]}]{pages}, {label}"
+            else:
+                save_geometry(temporary, cameras(0, n), images, **_metadata(args, job, ct_path))
+                detail = f"geometry K, R, t, P and {job.output} images {list(images.shape)}, {label}"
+            lines.append(f"wrote {path} ({detail})")
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    finally:
+        for temporary, _ in staged:
+            if temporary.exists():
+                temporary.unlink()
+    for line in lines:
+        print(line)
+
+
+def _metadata(args: argparse.Namespace, job: _Job, ct_path: Path) -> dict[str, Any]:
+    full = args.physics == "full"
+    counting = args.detector == "photon-counting"
+    return {
+        "physics": args.physics,
+        "output": job.output,
+        "output_units": _OUTPUT_UNITS[job.output],
+        "spectrum": job.spectrum_label,
+        "detector": args.detector if full else None,
+        "bins_keV": (tuple(args.bins_keV) if args.bins_keV is not None else (20.0,)) if full and counting else None,
+        "absorber_thickness_mm": args.csi,
+        "falloff": args.falloff if full else None,
+        "noise": args.noise if full else None,
+        "photons_per_pixel": args.photons,
+        "photons_behind_patient": args.photons_behind_patient,
+        "thresholds_hu": tuple(args.thresholds) if full else None,
+        "soft_thresholds": args.soft_thresholds if full else None,
+        "seed": args.seed if full else None,
+        "views": [label for _, _, label in job.poses],
+        "primary_deg": [p for p, _, _ in job.poses],
+        "secondary_deg": [s for _, s, _ in job.poses],
+        "sod_mm": args.sod,
+        "ct": str(ct_path),
+        "series_uid": args.series_uid,
+        "mode": args.mode,
+        "step_mm": args.step,
+        "supersample": args.supersample,
+    }
+
+
+def _progress(total: int, show: bool):
+    """A tqdm bar on stderr (hidden when stderr is not a terminal), or a stand-in when tqdm is missing or not wanted."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    if tqdm is None or not show:
+        return _NoProgress()
+    return tqdm(total=total, unit="view", desc="render", file=sys.stderr, disable=None, leave=False)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _angles(args: argparse.Namespace) -> tuple[float, float, str]:
@@ -167,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             from . import build_info
 
             print(json.dumps(build_info(), indent=2))
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError) as error:
         if args.debug:
             raise
         print(f"torchdrr: error: {error}", file=sys.stderr)

@@ -29,7 +29,7 @@ from .ops import log_weighted_transmission, raycast
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
 from .physics.materials import attenuation_table
-from .physics.noise import NOISE_PRESETS, Noise
+from .physics.noise import NOISE_PRESETS, Noise, check_generator
 from .physics.segmentation import MaterialChannels, ThresholdSegmentation
 from .physics.spectra import spectrum_preset
 
@@ -525,8 +525,7 @@ class DRR(nn.Module):
             counts = counts * ratio
             energy = energy * ratio if energy is not None else None
         photon_energy = None if counting else self._flat_mean_energy(p)
-        if generator is not None and generator.device != counts.device:
-            raise ValueError(f"generator is on {generator.device}, the DRR renders on {counts.device}")
+        check_generator(generator, counts.device)  # validate=False below skips the noise module's own checks
         return self.noise(counts, energy, generator=generator, photon_energy_keV=photon_energy, validate=False)
 
     def extra_repr(self) -> str:

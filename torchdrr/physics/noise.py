@@ -106,19 +106,22 @@ def _check_inputs(counts: Tensor, energy: Tensor | None, generator: torch.Genera
             raise TypeError(f"energy must have the dtype of counts ({counts.dtype}), got {energy.dtype}")
         if energy.device != counts.device:
             raise ValueError(f"energy must be on the device of counts ({counts.device}), got {energy.device}")
+    check_generator(generator, counts.device)
+    _check_values(counts, "counts")
+    if energy is not None:
+        _check_values(energy, "energy (keV)")
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """Raises unless ``generator`` is None or a ``torch.Generator`` on ``device`` ("cuda" matches "cuda:0")."""
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         gen_device = torch.device(generator.device)
-        if gen_device.type != counts.device.type or (
-            gen_device.index is not None and counts.device.index is not None and gen_device.index != counts.device.index
+        if gen_device.type != device.type or (
+            gen_device.index is not None and device.index is not None and gen_device.index != device.index
         ):
-            raise ValueError(
-                f"generator must be on the device of counts ({counts.device}), got a generator on {gen_device}"
-            )
-    _check_values(counts, "counts")
-    if energy is not None:
-        _check_values(energy, "energy (keV)")
+            raise ValueError(f"generator must be on the device of counts ({device}), got a generator on {gen_device}")
 
 
 def _photon_energy(photon_energy_keV: float | Tensor | None, like: Tensor) -> Tensor:
