@@ -65,11 +65,13 @@ def cases(volume: Volume, device: torch.device, height: int, width: int):
     yield "line integral (1 channel)", lambda: render(mu, affine, isocenter, primary, height, width, "siddon", None)
     materials = DRR(volume).to(device).material_volume()  # [4, I, J, K] channels-last: 3 materials + 1 zero channel
     planar = materials[:3].contiguous()
-    yield "ray cast only, 3 materials [3, I, J, K] contiguous", lambda: render(
-        planar, affine, isocenter, primary, height, width, "siddon", None
+    yield (
+        "ray cast only, 3 materials [3, I, J, K] contiguous",
+        lambda: render(planar, affine, isocenter, primary, height, width, "siddon", None),
     )
-    yield "ray cast only, 3 materials packed channels-last (4 ch)", lambda: render(
-        materials, affine, isocenter, primary, height, width, "siddon", None
+    yield (
+        "ray cast only, 3 materials packed channels-last (4 ch)",
+        lambda: render(materials, affine, isocenter, primary, height, width, "siddon", None),
     )
     variants = [
         ("DRR 90 kVp, no noise", dict()),
