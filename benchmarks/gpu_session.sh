@@ -29,12 +29,14 @@ python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytes
 echo "pytest rc=$? in $(( $(date +%s) - start )) s"; tail -4 "$OUT/pytest.log"
 grep -E "FAILED|Error" "$OUT/pytest.log" | head -20
 
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m tests.cuda_sanitize_case > "$OUT/sanitizer.log" 2>&1
 echo "memcheck rc=$?"; tail -3 "$OUT/sanitizer.log"
 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m tests.cuda_sanitize_case > "$OUT/racecheck.log" 2>&1
 echo "racecheck rc=$?"; tail -2 "$OUT/racecheck.log"
+fi
 
-python3 benchmarks/physics.py --device cuda --sizes 1240x960 > "$OUT/physics.log" 2>&1
+python3 benchmarks/physics.py --device cuda --sizes 1240x960 ${PHYSICS_ARGS:-} > "$OUT/physics.log" 2>&1
 echo "physics bench rc=$?"; cat "$OUT/physics.log"
 
 if [ "${SKIP_RUN_BENCH:-0}" != 1 ]; then

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", nargs="+", default=None, help="HxW (default 1240x960 on CUDA, 200x200 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed renders per row (default 20 CUDA, 3 CPU)")
+    parser.add_argument("--profile", default=None, help="print torch.profiler's top kernels for rows containing this")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     ct = args.ct or (FULL_CT if FULL_CT.exists() else bundled_ct_path())
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {name}, CT {ct.name} {volume.shape}")
     print("| case | size | median ms | x line |")
     print("|---|---|---|---|")
+    profiled = []
     for size in sizes:
         height, width = (int(x) for x in size.lower().split("x"))
         baseline = None
@@ -122,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
                 ms = timed(fn, device, repeats)
             baseline = baseline or ms
             print(f"| {label} | {size} | {ms:.2f} | {ms / baseline:.2f} |", flush=True)
+            if args.profile and args.profile in label:
+                profiled.append((label, fn))
+    for label, fn in profiled:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profile:
+            for _ in range(5):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(f"\nprofile of '{label}' (5 renders):")
+        print(profile.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
     return 0
 
 

@@ -407,13 +407,10 @@ class DRR(nn.Module):
         log_terms = log_weighted_transmission(integrals, mu, weights, starts, check_values=False)  # [B, R, Q, G]
 
         # Per sub-ray log factor: falloff of the flat field.
+        falloff = None
         if self.detector.falloff:
             falloff = falloff_factor(camera.intrinsics.to(self.device), h, w, self.supersample).to(self.dtype)
-            log_falloff = falloff.log().view(1, -1, 1, 1)
-        else:
-            falloff = None
-            log_falloff = torch.zeros((), dtype=self.dtype, device=self.device)
-        log_terms = log_terms + log_falloff
+            log_terms = log_terms + falloff.log().view(1, -1, 1, 1)
 
         pixel_integrals = integrals.reshape(b, h * w, s2, -1).mean(2)  # [B, H*W, M]
         log_n0 = self._log_exposure(log_terms, pixel_integrals, b, h * w, s2, groups)  # [B]
@@ -428,10 +425,14 @@ class DRR(nn.Module):
         )
         log_flat = log_n0.view(b, 1, 1) + flat_channels.view(1, k, 1) + mean_falloff.view(1, 1, h * w)  # [B, K, HW]
 
-        # Expected signal per pixel and channel, in log space: logmeanexp over sub-rays of the channel's groups.
-        log_meas = self._per_channel(log_terms[..., measure, :], groups)  # [B, R, K]
-        log_signal = torch.logsumexp(log_meas.reshape(b, h * w, s2, k), dim=2) - math.log(s2)
-        log_signal = log_signal.transpose(1, 2) + log_n0.view(b, 1, 1)  # [B, K, HW]
+        # Expected signal per pixel and channel, in log space: logmeanexp over sub-rays of the channel's groups. A
+        # noisy render without scatter does not need it (the noise draws from the groups directly).
+        log_signal = None
+        if not noisy or self.scatter is not None:
+            log_meas = self._per_channel(log_terms[..., measure, :], groups)  # [B, R, K]
+            log_meas = log_meas.reshape(b, h * w, s2, k)
+            log_signal = log_meas[:, :, 0] if s2 == 1 else torch.logsumexp(log_meas, dim=2) - math.log(s2)
+            log_signal = log_signal.transpose(1, 2) + log_n0.view(b, 1, 1)  # [B, K, HW]
 
         scatter_ratio = None
         if self.scatter is not None:
@@ -513,9 +514,13 @@ class DRR(nn.Module):
     ) -> Tensor:
         """Noisy signal ``[B, K, H, W]`` from the expected photons (and energies) per group of each pixel."""
         b, h, w, s2, k = sizes
-        expected = (log_terms + log_n0.view(b, 1, 1, 1)).exp()  # [B, R, Q, G]
+        if log_terms.requires_grad:
+            expected = (log_terms + log_n0.view(b, 1, 1, 1)).exp()  # [B, R, Q, G]
+        else:  # log_terms is not needed after this: reuse its memory (two passes fewer over B x R x Q x G)
+            expected = log_terms.add_(log_n0.view(b, 1, 1, 1)).exp_()
         q = expected.shape[-2]
-        expected = expected.reshape(b, h * w, s2, q, k * groups).mean(2)  # [B, HW, Q, G]
+        expected = expected.reshape(b, h * w, s2, q, k * groups)
+        expected = expected[:, :, 0] if s2 == 1 else expected.mean(2)  # [B, HW, Q, G]
         expected = expected.permute(0, 2, 3, 1).reshape(b, q, k, groups, h, w)
         counts = expected[:, 0]
         energy = None if counting else expected[:, 1]

@@ -322,9 +322,11 @@ def _sample_poisson(counts: Tensor, energy: Tensor | None, method: str, generato
         if energy is None:
             return n
         return n.mul_(_safe_divide(_masked_energy(counts, energy).sum(dim=2), total))
-    # compound: one Poisson draw per group, weighted by the group's mean energy (in place to bound the memory).
+    # compound: one Poisson draw per group, weighted by the group's mean energy (in place to bound the memory; no
+    # gradient here, so the division needs no guard beyond masking the empty groups).
     n = torch.poisson(counts, generator=generator)
-    return n.mul_(_safe_divide(energy, counts)).sum(dim=2)
+    mean_energy = torch.div(energy, counts).masked_fill_(counts <= 0, 0.0)
+    return n.mul_(mean_energy).sum(dim=2)
 
 
 def _sample_gaussian(counts: Tensor, energy: Tensor | None, generator: torch.Generator | None) -> Tensor:
