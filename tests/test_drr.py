@@ -388,3 +388,23 @@ def test_bad_calls_are_rejected() -> None:
         learned.spectrum_weights[10] = -1.0
     with pytest.raises(ValueError, match="must be >= 0 per bin"):
         learned(carm([0.0]))
+
+
+def test_detect_with_per_call_spectrum_and_exposure_matches_a_module_built_with_them() -> None:
+    hu, affine = chest_like()
+    camera = carm([10.0, 50.0])
+    base = DRR(hu, affine, spectrum="120kVp", dtype=F64)
+    integrals = base.material_line_integrals(camera)
+    energy, photons120 = spectrum_preset("120kVp")
+    e90, p90 = spectrum_preset("90kVp")
+    override = torch.zeros_like(photons120)
+    override[: e90.numel()] = p90  # the 90 kVp spectrum on the 120 kVp grid
+    got = base.detect(integrals, camera, output="intensity", spectrum_weights=override, photons_per_pixel=321.0)
+    expected = DRR(hu, affine, spectrum="90kVp", photons_per_pixel=321.0, dtype=F64)(camera, output="intensity")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+    automatic = base.detect(integrals, camera, output="line_integral", photons_behind_patient=50.0)
+    torch.testing.assert_close(automatic, base(camera, output="line_integral"))  # exposure cancels in -log(I/I0)
+    with pytest.raises(ValueError, match="spectrum_weights must be a"):
+        base.detect(integrals, camera, spectrum_weights=torch.ones(5))
+    with pytest.raises(ValueError, match="integrals must be"):
+        base.detect(integrals[:1], camera)

@@ -327,11 +327,21 @@ class DRR(nn.Module):
         self._cache = (key, volume)
         return volume
 
-    def _weights(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _weights(self, override: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised spectrum p [E], the count row p*eta [E] and the energy row p*eta*E [E] (float64)."""
-        photons = self.spectrum_weights.to(torch.float64)
-        if self.spectrum_weights.requires_grad:
+        if override is not None:
+            if not isinstance(override, Tensor) or tuple(override.shape) != tuple(self.energy_keV.shape):
+                got = tuple(override.shape) if isinstance(override, Tensor) else type(override).__name__
+                raise ValueError(
+                    f"spectrum_weights must be a [E] = [{self.energy_keV.numel()}] tensor on the module's energy grid "
+                    f"({float(self.energy_keV[0]):g}-{float(self.energy_keV[-1]):g} keV), got {got}"
+                )
+            photons = override.to(self.device, torch.float64)
             _check_photons(photons)
+        else:
+            photons = self.spectrum_weights.to(torch.float64)
+            if self.spectrum_weights.requires_grad:
+                _check_photons(photons)
         p = photons / photons.sum()
         counts = p * self.efficiency
         return p, counts, counts * self.energy_keV
@@ -358,11 +368,17 @@ class DRR(nn.Module):
         if not isinstance(camera, Camera):
             raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
         camera = camera.to(device=self.device)
-        volume = self.material_volume()
         sources, targets = camera.rays(self.supersample)
+        return self.cast(sources, targets)
+
+    def cast(self, sources: Tensor, targets: Tensor) -> Tensor:
+        """Per-material mass thicknesses (g/cm^2) along rays ``sources [..., 3]`` -> ``targets [..., 3]`` (world mm,
+        broadcast as in ``torchdrr.raycast``): ``[..., M]``, one ray-cast call for every material."""
+        volume = self.material_volume()
         integrals = raycast(
-            volume, self.affine, sources.to(self.dtype), targets.to(self.dtype), mode=self.mode, step=self.step
-        )
+            volume, self.affine, sources.to(self.device, self.dtype), targets.to(self.device, self.dtype),
+            mode=self.mode, step=self.step,
+        )  # fmt: skip
         return integrals[..., : len(self.materials)] / 10.0  # density x mm -> g/cm^2
 
     def forward(
@@ -386,18 +402,67 @@ class DRR(nn.Module):
             ``[B, K, H, W]`` in the module's dtype, K = 1 for an energy-integrating detector or the number of
             photon-counting bins.
         """
+        integrals = self.material_line_integrals(camera)  # [B, R, M]
+        return self.detect(integrals, camera, output=output, generator=generator, noisy=noisy)
+
+    def detect(
+        self,
+        integrals: Tensor,
+        camera: Camera,
+        output: str | None = None,
+        generator: torch.Generator | None = None,
+        noisy: bool | None = None,
+        spectrum_weights: Tensor | None = None,
+        photons_per_pixel: float | None = None,
+        photons_behind_patient: float | None = None,
+    ) -> Tensor:
+        """The physics after the ray cast: attenuation, detector, scatter and noise (``forward`` = cast + detect).
+
+        Args:
+            integrals: ``[B, H * W * s * s, M]`` mass thicknesses from ``material_line_integrals(camera)`` (or
+                ``cast`` on ``camera.rays``), g/cm^2.
+            camera: the cameras the integrals were cast for.
+            output, generator, noisy: as in ``forward``.
+            spectrum_weights: ``[E]`` photon fluence per bin on this module's energy grid (``energy_keV``) for this
+                call only (e.g. a random kVp per sample: zero the bins above it); default the module's spectrum.
+            photons_per_pixel: fixed exposure N0 for this call only.
+            photons_behind_patient: automatic-exposure target for this call only.
+
+        Returns:
+            ``[B, K, H, W]``; see ``forward``.
+        """
         output = self._check_output(output) if output is not None else self.output
         noisy = self.noise is not None if noisy is None else bool(noisy)
         if noisy and self.noise is None:
             raise ValueError("noisy=True needs a noise model: DRR(..., noise='radiography' or Noise(...))")
-        camera = camera.to(device=self.device) if isinstance(camera, Camera) else camera
-        integrals = self.material_line_integrals(camera)  # [B, R, M]
+        if not isinstance(camera, Camera):
+            raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
+        camera = camera.to(device=self.device)
         b, h, w, s2 = camera.batch_size, camera.height, camera.width, self.supersample**2
+        if tuple(integrals.shape) != (b, h * w * s2, len(self.materials)):
+            raise ValueError(
+                f"integrals must be [B, H * W * s * s, M] = {(b, h * w * s2, len(self.materials))} for this camera, "
+                f"got {tuple(integrals.shape)}"
+            )
         k = self.detector.channels
         counting = self.detector.kind == "photon-counting"
-        exposure_control = self.photons_behind_patient is not None
+        for name, value in (
+            ("photons_per_pixel", photons_per_pixel),
+            ("photons_behind_patient", photons_behind_patient),
+        ):
+            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name} must be a positive number of photons, got {value!r}")
+        if photons_per_pixel is not None and photons_behind_patient is not None:
+            raise ValueError("give photons_per_pixel (fixed exposure) or photons_behind_patient (automatic), not both")
+        if photons_per_pixel is not None:
+            fixed_n0, target = float(photons_per_pixel), None
+        elif photons_behind_patient is not None:
+            fixed_n0, target = self.photons_per_pixel, float(photons_behind_patient)
+        else:
+            fixed_n0, target = self.photons_per_pixel, self.photons_behind_patient
+        exposure_control = target is not None
 
-        p, count_row, energy_row = self._weights()
+        p, count_row, energy_row = self._weights(spectrum_weights)
         rows = [count_row] if counting else ([count_row, energy_row] if (noisy or exposure_control) else [energy_row])
         measure = 0 if counting else len(rows) - 1  # the row the detector reads
         starts, groups = self._groups(noisy)
@@ -413,7 +478,7 @@ class DRR(nn.Module):
             log_terms = log_terms + falloff.log().view(1, -1, 1, 1)
 
         pixel_integrals = integrals.reshape(b, h * w, s2, -1).mean(2)  # [B, H*W, M]
-        log_n0 = self._log_exposure(log_terms, pixel_integrals, b, h * w, s2, groups)  # [B]
+        log_n0 = self._log_exposure(log_terms, pixel_integrals, b, h * w, s2, groups, fixed_n0, target)  # [B]
 
         # Flat field per channel (no object): log N0 + log mean falloff + log sum of the channel's weights.
         measure_row = weights[measure].to(torch.float64)
@@ -452,8 +517,11 @@ class DRR(nn.Module):
             line_integral = log_flat - signal_log
             signal = None
         else:
-            signal = self._draw(log_terms, log_n0, groups, (b, h, w, s2, k), counting, scatter_ratio, p, generator)
-            floor = 0.5 if counting else 0.5 * self._flat_mean_energy(p)
+            photon_energy = None if counting else self._flat_mean_energy(p, cached=spectrum_weights is None)
+            signal = self._draw(
+                log_terms, log_n0, groups, (b, h, w, s2, k), counting, scatter_ratio, photon_energy, generator
+            )
+            floor = 0.5 if counting else 0.5 * self._flat_mean_energy(p, cached=spectrum_weights is None)
             line_integral = log_flat - signal.reshape(b, k, h * w).clamp_min(floor).log()
 
         if output == "line_integral":
@@ -474,11 +542,19 @@ class DRR(nn.Module):
         return torch.logsumexp(log_groups.unflatten(-1, (-1, groups)), dim=-1)
 
     def _log_exposure(
-        self, log_terms: Tensor, pixel_integrals: Tensor, b: int, hw: int, s2: int, groups: int
+        self,
+        log_terms: Tensor,
+        pixel_integrals: Tensor,
+        b: int,
+        hw: int,
+        s2: int,
+        groups: int,
+        fixed_n0: float,
+        target: float | None,
     ) -> Tensor:
         """log N0 per image ``[B]``: fixed, or from automatic exposure control (detached: a machine setting)."""
-        if self.photons_behind_patient is None:
-            return torch.full((b,), math.log(self.photons_per_pixel), dtype=self.dtype, device=self.device)
+        if target is None:
+            return torch.full((b,), math.log(fixed_n0), dtype=self.dtype, device=self.device)
         with torch.no_grad():
             detected = self._per_channel(log_terms[..., 0, :], groups)  # count row
             per_pixel = torch.logsumexp(detected, dim=-1).exp().reshape(b, hw, s2).mean(2)  # photons per unit N0
@@ -489,11 +565,14 @@ class DRR(nn.Module):
                     "view; give photons_per_pixel instead"
                 )
             mean_detected = (per_pixel * body).sum(1) / body.sum(1)
-            return (math.log(self.photons_behind_patient) - mean_detected.log()).to(self.dtype)
+            return (math.log(target) - mean_detected.log()).to(self.dtype)
 
-    def _flat_mean_energy(self, p: Tensor) -> float:
-        """Mean energy (keV) of the photons the detector absorbs from the flat field. Cached per spectrum version, so
-        that rendering does not wait for the device to hand back a number."""
+    def _flat_mean_energy(self, p: Tensor, cached: bool = True) -> float:
+        """Mean energy (keV) of the photons the detector absorbs from the flat field. Cached per version of the
+        module's spectrum (``cached``), so that rendering does not wait for the device to hand back a number."""
+        if not cached:
+            counts = p.detach().cpu() * self.efficiency.cpu()
+            return float((counts * self.energy_keV.cpu()).sum() / counts.sum())
         key = (id(self.spectrum_weights), self.spectrum_weights._version, self.spectrum_weights.device)
         if self._mean_energy_cache is None or self._mean_energy_cache[0] != key:
             counts = p.detach().cpu() * self.efficiency.cpu()
@@ -509,7 +588,7 @@ class DRR(nn.Module):
         sizes: tuple[int, int, int, int, int],
         counting: bool,
         scatter_ratio: Tensor | None,
-        p: Tensor,
+        photon_energy: float | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         """Noisy signal ``[B, K, H, W]`` from the expected photons (and energies) per group of each pixel."""
@@ -529,7 +608,6 @@ class DRR(nn.Module):
             ratio = scatter_ratio.unsqueeze(2)
             counts = counts * ratio
             energy = energy * ratio if energy is not None else None
-        photon_energy = None if counting else self._flat_mean_energy(p)
         check_generator(generator, counts.device)  # validate=False below skips the noise module's own checks
         return self.noise(counts, energy, generator=generator, photon_energy_keV=photon_energy, validate=False)
 
