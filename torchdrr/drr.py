@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .geometry import Camera
-from .io import Volume
+from .io import Volume, volume_center
 from .ops import log_weighted_transmission, raycast
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
@@ -294,6 +294,17 @@ class DRR(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.energy_keV.device
+
+    @property
+    def volume_shape(self) -> tuple[int, int, int]:
+        """``(I, J, K)`` voxels."""
+        source = self.hu if self.hu is not None else self.densities
+        return tuple(source.shape[-3:])
+
+    @property
+    def volume_center(self) -> Tensor:
+        """``[3]`` world point (mm, float64, CPU) at the centre of the volume's outer box: the default isocenter."""
+        return volume_center(self.affine, self.volume_shape)
 
     def material_volume(self) -> Tensor:
         """The per-material densities the rays integrate: ``[C, I, J, K]`` g/cm^3, channels-last, padded to C = 4 or

@@ -1,0 +1,10 @@
+"""Layer 6: training-scale data: random C-arm views with random physics, rendered on the fly or written to disk.
+
+``DRRDataset`` yields DRRs with their geometry and landmark projections; each sample is a pure function of the
+dataset's seed and its index (``sampling``), so results do not depend on batching, workers or ranks.
+"""
+
+from .dataset import DRRDataset
+from .sampling import PhysicsDistribution, PoseDistribution, SampleParameters, sample_parameters
+
+__all__ = ["DRRDataset", "PhysicsDistribution", "PoseDistribution", "SampleParameters", "sample_parameters"]
