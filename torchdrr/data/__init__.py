@@ -4,7 +4,18 @@
 dataset's seed and its index (``sampling``), so results do not depend on batching, workers or ranks.
 """
 
+from .datamodule import DRRDataModule, IndexDataset, RenderIndices, box_landmarks
 from .dataset import DRRDataset
 from .sampling import PhysicsDistribution, PoseDistribution, SampleParameters, sample_parameters
 
-__all__ = ["DRRDataset", "PhysicsDistribution", "PoseDistribution", "SampleParameters", "sample_parameters"]
+__all__ = [
+    "DRRDataModule",
+    "DRRDataset",
+    "IndexDataset",
+    "RenderIndices",
+    "box_landmarks",
+    "PhysicsDistribution",
+    "PoseDistribution",
+    "SampleParameters",
+    "sample_parameters",
+]
