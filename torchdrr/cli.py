@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_render_parser(commands)
+    _add_generate_parser(commands)
 
     sketch = commands.add_parser(
         "sketch",
@@ -725,6 +726,261 @@ def _sketch(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({label})")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# torchdrr generate
+# --------------------------------------------------------------------------------------------------------------------
+_GENERATE_DESCRIPTION = """\
+Render a training set of random C-arm DRRs (torchdrr.data.DRRDataset) to OUT_DIR.
+
+Sample i is a pure function of (--seed, i): its CT, pose, tube spectrum, dose and noise. OUT_DIR gets config.json
+(everything that defines the set, with the sha256 of every CT), images/ (000000.png ... for png16, 000000.tiff ... for
+tiff, shard_000.h5 ... for hdf5), metadata.jsonl (one line per sample: parameters, K, R, t, P = K [R | t], landmark
+projections, image file) and, last, manifest.json (sha256 of every file; its presence means the set is complete).
+
+png16 stores level = round(clip(value * scale, 0, 65535)) with a fixed scale (4096 for line_integral, i.e. 0-16 in
+steps of 1/4096; 32768 for flat_field, i.e. 0-2), recorded in config.json: value = level / scale. tiff and hdf5 store
+float32 values as rendered. A killed run resumes where it stopped when run again with the same options; a different
+dataset in OUT_DIR is refused, a complete one is left as it is. Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT set) each rank renders every WORLD_SIZE-th sample; the files are the same whatever the number of ranks."""
+
+_GENERATE_EPILOG = """\
+examples:
+  torchdrr generate data/chest --count 1000 --size 256 256
+      1000 random views of the bundled chest CT as 16-bit PNG line integrals
+  torchdrr generate data/set --ct a.nii.gz b.nii.gz --ct-weights 2 1 --count 50000 --format hdf5 --kvp 60 120
+  torchrun --nproc-per-node 4 -m torchdrr generate data/set --count 100000 --device cuda"""
+
+
+def _add_generate_parser(commands) -> None:
+    from .data.sampling import PhysicsDistribution, PoseDistribution
+
+    poses, physics = PoseDistribution(), PhysicsDistribution()
+    generate = commands.add_parser(
+        "generate",
+        help="render a random-view DRR training set to a folder (images, metadata.jsonl, manifest), resumable",
+        description=_GENERATE_DESCRIPTION,
+        epilog=_GENERATE_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    generate.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
+    )
+    generate.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="dataset folder (created if needed)")
+
+    data = generate.add_argument_group("data")
+    data.add_argument(
+        "--ct",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="CT",
+        help="CTs in HU: NIfTI, NRRD, DICOM folder (default: the bundled LIDC-IDRI-0001 chest CT)",
+    )
+    data.add_argument(
+        "--ct-weights", nargs="+", type=float, default=None, metavar="W", help="relative sampling weight per CT "
+        "(default: equal)"
+    )  # fmt: skip
+    data.add_argument("--count", type=int, required=True, metavar="N", help="number of samples (required)")
+    data.add_argument("--seed", type=int, default=0, metavar="S", help="the dataset's seed (whole number >= 0)")
+    data.add_argument(
+        "--landmarks",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="3D landmarks to project, one .csv (x,y,z per line; a header line is skipped) or .npy [L, 3] file per "
+        "CT, world mm; the same L for every CT",
+    )
+
+    detector = generate.add_argument_group("detector and output")
+    detector.add_argument(
+        "--size", nargs=2, type=int, default=(256, 256), metavar=("ROWS", "COLS"), help="detector size in pixels"
+    )
+    detector.add_argument(
+        "--pixel-spacing",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("ROW_MM", "COL_MM"),
+        help="detector pixel pitch in mm (default: a 300 x 300 mm field, 300/ROWS x 300/COLS)",
+    )
+    detector.add_argument(
+        "--output",
+        choices=["line_integral", "intensity", "flat_field"],
+        default="line_integral",
+        help="the stored quantity: line_integral (-log(I/I0)), intensity (keV per pixel; tiff or hdf5 only) or "
+        "flat_field (I/I0)",
+    )
+    detector.add_argument(
+        "--format",
+        choices=["png16", "tiff", "hdf5"],
+        default="png16",
+        help="png16: 16-bit PNG with the fixed mapping above; tiff: float32, one page per channel; hdf5: float32 "
+        "shards of --shard-size samples (needs h5py)",
+    )
+    detector.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per hdf5 shard")
+
+    pose = generate.add_argument_group("pose ranges (MIN MAX; a sample draws each value in its range)")
+
+    def pair(group, flag: str, default: tuple[float, float], text: str) -> None:
+        group.add_argument(flag, nargs=2, type=float, default=tuple(default), metavar=("MIN", "MAX"), help=text)
+
+    pair(pose, "--primary", poses.primary_deg, "primary C-arm angle, degrees (LAO positive; 0 0 is PA)")
+    pair(pose, "--secondary", poses.secondary_deg, "secondary C-arm angle, degrees (cranial positive)")
+    pair(pose, "--inplane", poses.inplane_deg, "in-plane detector rotation, degrees")
+    pair(pose, "--translation", poses.translation_mm, "isocenter offset from the CT centre along each axis, mm")
+    pair(pose, "--sdd", poses.sdd_mm, "source-to-detector distance, mm")
+    pair(pose, "--sod", poses.sod_mm, "source-to-isocenter distance, mm (below the SDD)")
+    pose.add_argument(
+        "--distribution",
+        choices=["uniform", "normal"],
+        default=poses.distribution,
+        help="uniform over each range, or normal centred on it (std = a quarter of its width, clipped to it)",
+    )
+
+    beam = generate.add_argument_group("physics ranges (MIN MAX)")
+    pair(beam, "--kvp", physics.kvp, "tube voltage, kVp (within 40-150)")
+    pair(beam, "--filtration", physics.filtration_mm_al, "added aluminium filtration, mm")
+    pair(
+        beam,
+        "--photons",
+        physics.photons_behind_patient,
+        "dose: mean detected photons per pixel behind the patient, drawn log-uniformly (30 fluoroscopy, 1000 "
+        "radiography)",
+    )
+    beam.add_argument(
+        "--noise-probability",
+        type=float,
+        default=physics.noise_probability,
+        metavar="P",
+        help="fraction of samples with quantum and electronic noise (the others are noise-free expectations)",
+    )
+
+    hardware = generate.add_argument_group("device")
+    hardware.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N; under torchrun, cuda means cuda:LOCAL_RANK",
+    )
+    hardware.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples rendered per DRR call")
+    hardware.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _load_landmarks(path: Path):
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise ValueError(f"--landmarks {path}: file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            points = np.load(path, allow_pickle=False)
+        elif suffix == ".csv":
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            try:
+                float(lines[0].split(",")[0]) if lines else None
+            except ValueError:
+                lines = lines[1:]  # a header
+            points = np.array([[float(v) for v in line.split(",")] for line in lines], dtype=np.float64)
+        else:
+            raise ValueError("the suffix must be .csv or .npy")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"--landmarks {path}: {error}") from None
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"--landmarks {path}: expected [L, 3] world points in mm, got shape {points.shape}")
+    return torch.from_numpy(points)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .data import DRRDataset, PhysicsDistribution, PoseDistribution
+    from .data.generate import generate_dataset
+
+    if args.count < 0:
+        raise ValueError(f"--count must be >= 0, got {args.count}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    rows, cols = args.size
+    if rows < 1 or cols < 1:
+        raise ValueError(f"--size must be two positive pixel counts, got {rows} {cols}")
+    names = {"primary_deg": "--primary", "secondary_deg": "--secondary", "inplane_deg": "--inplane",
+             "translation_mm": "--translation", "sdd_mm": "--sdd", "sod_mm": "--sod", "kvp": "--kvp",
+             "filtration_mm_al": "--filtration", "photons_behind_patient": "--photons",
+             "noise_probability": "--noise-probability"}  # fmt: skip
+    try:
+        poses = PoseDistribution(
+            primary_deg=tuple(args.primary),
+            secondary_deg=tuple(args.secondary),
+            inplane_deg=tuple(args.inplane),
+            translation_mm=tuple(args.translation),
+            sdd_mm=tuple(args.sdd),
+            sod_mm=tuple(args.sod),
+            distribution=args.distribution,
+        )
+        physics = PhysicsDistribution(
+            kvp=tuple(args.kvp),
+            filtration_mm_al=tuple(args.filtration),
+            photons_behind_patient=tuple(args.photons),
+            noise_probability=args.noise_probability,
+        )
+    except ValueError as error:
+        message = str(error)
+        for field, flag in names.items():
+            message = message.replace(field, flag)
+        raise ValueError(message) from None
+    cts = list(args.ct) if args.ct is not None else None
+    for ct in cts or []:
+        if not ct.exists():
+            raise ValueError(f"--ct {ct}: CT not found")
+    landmarks = None
+    if args.landmarks is not None:
+        if len(args.landmarks) != (len(cts) if cts else 1):
+            raise ValueError(f"--landmarks needs one file per CT ({len(cts) if cts else 1}), got {len(args.landmarks)}")
+        landmarks = [_load_landmarks(p) for p in args.landmarks]
+    device = _device(args.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    dataset = DRRDataset(
+        cts,
+        length=args.count,
+        seed=args.seed,
+        ct_weights=args.ct_weights,
+        poses=poses,
+        physics=physics,
+        height=rows,
+        width=cols,
+        pixel_spacing_mm=tuple(args.pixel_spacing) if args.pixel_spacing is not None else None,
+        landmarks=landmarks,
+        output=args.output,
+        device=device,
+    )
+    summary = generate_dataset(
+        args.out_dir,
+        dataset,
+        image_format=args.format,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        shard_size=args.shard_size,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = summary["out_dir"]
+    if summary["already_complete"]:
+        print(f"{out} already holds the complete dataset ({summary['count']} samples): nothing rendered")
+        return
+    ranks = f" on {summary['world_size']} ranks" if summary["world_size"] > 1 else ""
+    print(
+        f"wrote {summary['count']} samples of {rows}x{cols} px ({args.format}, {args.output}) to {out}: "
+        f"{summary['rendered']} rendered{ranks}, {summary['skipped']} already there, in {summary['seconds']:.1f} s "
+        f"({summary['samples_per_second']:.2f} samples/s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 success, 2 user error, 1 unexpected failure)."""
     args = _parser().parse_args(argv)
@@ -733,6 +989,8 @@ def main(argv: list[str] | None = None) -> int:
             _render(args)
         elif args.command == "sketch":
             _sketch(args)
+        elif args.command == "generate":
+            _generate(args)
         elif args.command == "info":
             from . import build_info
 

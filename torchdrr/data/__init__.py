@@ -6,6 +6,7 @@ dataset's seed and its index (``sampling``), so results do not depend on batchin
 
 from .datamodule import DRRDataModule, IndexDataset, RenderIndices, box_landmarks
 from .dataset import DRRDataset
+from .generate import generate_dataset
 from .sampling import PhysicsDistribution, PoseDistribution, SampleParameters, sample_parameters
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "IndexDataset",
     "RenderIndices",
     "box_landmarks",
+    "generate_dataset",
     "PhysicsDistribution",
     "PoseDistribution",
     "SampleParameters",

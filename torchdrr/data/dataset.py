@@ -135,6 +135,7 @@ class DRRDataset(torch.utils.data.Dataset):
         self._drrs: dict[int, DRR] = {}
         # One energy grid for every kVp of the range: the spectrum at the highest kVp fixes it.
         self._grid_kvp = math.ceil(self.physics.kvp[1])
+        self._grid_bins = spectrum(self._grid_kvp)[0].numel()
         self._validate_options()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class DRRDataset(torch.utils.data.Dataset):
     def spectrum_weights(self, params: SampleParameters) -> Tensor:
         """The sample's tube spectrum on the dataset's energy grid ``[E]`` (float64, CPU)."""
         _, photons = spectrum(params.kvp, filtration_mm_al=params.filtration_mm_al)
-        weights = torch.zeros(spectrum(self._grid_kvp)[0].numel(), dtype=torch.float64)
+        weights = torch.zeros(self._grid_bins, dtype=torch.float64)
         weights[: photons.numel()] = photons
         return weights
 
