@@ -220,6 +220,7 @@ class DRR(nn.Module):
                 f"detector must be an EnergyIntegratingDetector or PhotonCountingDetector, got {detector!r}"
             )
         self.register_buffer("efficiency", self.detector.efficiency(energy))
+        self._host_energy, self._host_efficiency = energy.clone(), self.efficiency.clone()  # for host-side sums
         self.channel_bins = self.detector.channel_bins(energy)
         for k, (start, end) in enumerate(self.channel_bins):
             if end <= start:
@@ -347,8 +348,8 @@ class DRR(nn.Module):
                     f"spectrum_weights must be a [E] = [{self.energy_keV.numel()}] tensor on the module's energy grid "
                     f"({float(self.energy_keV[0]):g}-{float(self.energy_keV[-1]):g} keV), got {got}"
                 )
-            photons = override.to(self.device, torch.float64)
-            _check_photons(photons)
+            _check_photons(override)  # on the caller's device (the dataset passes CPU tensors: no device sync)
+            photons = override.to(self.device, torch.float64, non_blocking=True)
         else:
             photons = self.spectrum_weights.to(torch.float64)
             if self.spectrum_weights.requires_grad:
@@ -582,8 +583,8 @@ class DRR(nn.Module):
         """Mean energy (keV) of the photons the detector absorbs from the flat field. Cached per version of the
         module's spectrum (``cached``), so that rendering does not wait for the device to hand back a number."""
         if not cached:
-            counts = p.detach().cpu() * self.efficiency.cpu()
-            return float((counts * self.energy_keV.cpu()).sum() / counts.sum())
+            counts = p.detach().cpu() * self._host_efficiency
+            return float((counts * self._host_energy).sum() / counts.sum())
         key = (id(self.spectrum_weights), self.spectrum_weights._version, self.spectrum_weights.device)
         if self._mean_energy_cache is None or self._mean_energy_cache[0] != key:
             counts = p.detach().cpu() * self.efficiency.cpu()
