@@ -339,7 +339,7 @@ class DRR(nn.Module):
         self._cache = (key, volume)
         return volume
 
-    def _weights(self, override: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _weights(self, override: Tensor | None = None, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised spectrum p [E], the count row p*eta [E] and the energy row p*eta*E [E] (float64)."""
         if override is not None:
             if not isinstance(override, Tensor) or tuple(override.shape) != tuple(self.energy_keV.shape):
@@ -348,7 +348,8 @@ class DRR(nn.Module):
                     f"spectrum_weights must be a [E] = [{self.energy_keV.numel()}] tensor on the module's energy grid "
                     f"({float(self.energy_keV[0]):g}-{float(self.energy_keV[-1]):g} keV), got {got}"
                 )
-            _check_photons(override)  # on the caller's device (the dataset passes CPU tensors: no device sync)
+            if check:
+                _check_photons(override)  # on the caller's device (CPU tensors: no device sync)
             photons = override.to(self.device, torch.float64, non_blocking=True)
         else:
             photons = self.spectrum_weights.to(torch.float64)
@@ -426,7 +427,9 @@ class DRR(nn.Module):
         noisy: bool | None = None,
         spectrum_weights: Tensor | None = None,
         photons_per_pixel: float | None = None,
-        photons_behind_patient: float | None = None,
+        photons_behind_patient: float | Tensor | None = None,
+        flat_mean_energy_keV: float | Tensor | None = None,
+        check_inputs: bool = True,
     ) -> Tensor:
         """The physics after the ray cast: attenuation, detector, scatter and noise (``forward`` = cast + detect).
 
@@ -438,7 +441,12 @@ class DRR(nn.Module):
             spectrum_weights: ``[E]`` photon fluence per bin on this module's energy grid (``energy_keV``) for this
                 call only (e.g. a random kVp per sample: zero the bins above it); default the module's spectrum.
             photons_per_pixel: fixed exposure N0 for this call only.
-            photons_behind_patient: automatic-exposure target for this call only.
+            photons_behind_patient: automatic-exposure target for this call only (a number, or a 0-d tensor on the
+                module's device).
+            flat_mean_energy_keV: the mean detected energy of the flat field for this call's spectrum (converts the
+                electronic noise from photons to keV); computed on the host when not given.
+            check_inputs: validate the per-call spectrum and exposure. ``DRRDataset`` passes False with values it
+                made valid itself, so that rendering never waits for the device.
 
         Returns:
             ``[B, K, H, W]``; see ``forward``.
@@ -462,19 +470,22 @@ class DRR(nn.Module):
             ("photons_per_pixel", photons_per_pixel),
             ("photons_behind_patient", photons_behind_patient),
         ):
-            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+            if check_inputs and value is not None and not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError(f"{name} must be a positive number of photons, got {value!r}")
         if photons_per_pixel is not None and photons_behind_patient is not None:
             raise ValueError("give photons_per_pixel (fixed exposure) or photons_behind_patient (automatic), not both")
         if photons_per_pixel is not None:
             fixed_n0, target = float(photons_per_pixel), None
         elif photons_behind_patient is not None:
-            fixed_n0, target = self.photons_per_pixel, float(photons_behind_patient)
+            fixed_n0 = self.photons_per_pixel
+            target = photons_behind_patient
+            if not isinstance(target, Tensor):
+                target = float(target)
         else:
             fixed_n0, target = self.photons_per_pixel, self.photons_behind_patient
         exposure_control = target is not None
 
-        p, count_row, energy_row = self._weights(spectrum_weights)
+        p, count_row, energy_row = self._weights(spectrum_weights, check=check_inputs)
         rows = [count_row] if counting else ([count_row, energy_row] if (noisy or exposure_control) else [energy_row])
         measure = 0 if counting else len(rows) - 1  # the row the detector reads
         starts, groups = self._groups(noisy)
@@ -529,11 +540,15 @@ class DRR(nn.Module):
             line_integral = log_flat - signal_log
             signal = None
         else:
-            photon_energy = None if counting else self._flat_mean_energy(p, cached=spectrum_weights is None)
+            photon_energy = None
+            if not counting:
+                photon_energy = flat_mean_energy_keV
+                if photon_energy is None:
+                    photon_energy = self._flat_mean_energy(p, cached=spectrum_weights is None)
             signal = self._draw(
                 log_terms, log_n0, groups, (b, h, w, s2, k), counting, scatter_ratio, photon_energy, generator
             )
-            floor = 0.5 if counting else 0.5 * self._flat_mean_energy(p, cached=spectrum_weights is None)
+            floor = 0.5 if counting else 0.5 * photon_energy
             line_integral = log_flat - signal.reshape(b, k, h * w).clamp_min(floor).log()
 
         if output == "line_integral":
@@ -562,22 +577,23 @@ class DRR(nn.Module):
         s2: int,
         groups: int,
         fixed_n0: float,
-        target: float | None,
+        target: float | Tensor | None,
     ) -> Tensor:
-        """log N0 per image ``[B]``: fixed, or from automatic exposure control (detached: a machine setting)."""
+        """log N0 per image ``[B]``: fixed, or from automatic exposure control (detached: a machine setting).
+
+        Exposure control averages the detected photons per unit N0 over the pixels behind the body (rays through at
+        least 1 g/cm^2); a view in which no ray crosses that much is averaged over all its pixels instead (decided on
+        the device: no host round trip)."""
         if target is None:
             return torch.full((b,), math.log(fixed_n0), dtype=self.dtype, device=self.device)
         with torch.no_grad():
             detected = self._per_channel(log_terms[..., 0, :], groups)  # count row
             per_pixel = torch.logsumexp(detected, dim=-1).exp().reshape(b, hw, s2).mean(2)  # photons per unit N0
             body = pixel_integrals.sum(-1) >= BODY_MASS_THICKNESS  # [B, HW]
-            if not bool(body.any(1).all()):
-                raise ValueError(
-                    "automatic exposure found no pixel behind the body (mass thickness >= 1 g/cm^2) in at least one "
-                    "view; give photons_per_pixel instead"
-                )
-            mean_detected = (per_pixel * body).sum(1) / body.sum(1)
-            return (math.log(target) - mean_detected.log()).to(self.dtype)
+            behind_body = (per_pixel * body).sum(1) / body.sum(1).clamp_min(1)
+            mean_detected = torch.where(body.any(1), behind_body, per_pixel.mean(1))
+            log_target = target.log() if isinstance(target, Tensor) else math.log(target)
+            return (log_target - mean_detected.log()).to(self.dtype)
 
     def _flat_mean_energy(self, p: Tensor, cached: bool = True) -> float:
         """Mean energy (keV) of the photons the detector absorbs from the flat field. Cached per version of the
@@ -600,7 +616,7 @@ class DRR(nn.Module):
         sizes: tuple[int, int, int, int, int],
         counting: bool,
         scatter_ratio: Tensor | None,
-        photon_energy: float | None,
+        photon_energy: float | Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
         """Noisy signal ``[B, K, H, W]`` from the expected photons (and energies) per group of each pixel."""

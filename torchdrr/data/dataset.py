@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from torchdrr.drr import DRR
-from torchdrr.geometry import Camera
+from torchdrr.geometry import Camera, carm_extrinsics, intrinsic_matrix
 from torchdrr.io import Volume, bundled_ct_path
 from torchdrr.physics.noise import Noise
 from torchdrr.physics.spectra import spectrum
@@ -133,6 +133,7 @@ class DRRDataset(torch.utils.data.Dataset):
             if reserved in self.drr_options:
                 raise ValueError(f"drr_options must not set {reserved!r}: the dataset sets it per sample")
         self._drrs: dict[int, DRR] = {}
+        self._grids: dict[tuple, tuple[Tensor, Tensor]] = {}
         # One energy grid for every kVp of the range: the spectrum at the highest kVp fixes it.
         self._grid_kvp = math.ceil(self.physics.kvp[1])
         self._grid_bins = spectrum(self._grid_kvp)[0].numel()
@@ -179,6 +180,7 @@ class DRRDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_drrs"] = {}  # workers load their own CTs (no GPU tensors or big buffers through pickling)
+        state["_grids"] = {}
         return state
 
     def drr(self, ct_index: int) -> DRR:
@@ -236,7 +238,10 @@ class DRRDataset(torch.utils.data.Dataset):
     def render_batch(self, indices: Sequence[int] | Tensor, stack: bool = True) -> dict | list[dict]:
         """Renders several samples with one ray-cast call per CT.
 
-        Each sample gets exactly the values ``self[i]`` gives (its rays, physics and noise stream are its own).
+        Each sample gets exactly the values ``self[i]`` gives, whatever the batch: its geometry is computed on the
+        host in float64, its rays with element-wise arithmetic only, and its physics and noise stream are its own.
+        On a GPU the host values travel in one pinned copy per batch and nothing waits for the device, so the CPU
+        queues work while the GPU renders.
 
         Args:
             indices: sample indices.
@@ -249,39 +254,111 @@ class DRRDataset(torch.utils.data.Dataset):
         for ct_index in sorted({p.ct_index for p in params}):
             members = [j for j, p in enumerate(params) if p.ct_index == ct_index]
             drr = self.drr(ct_index)
-            cameras = [self.camera(params[j]) for j in members]
-            rays = [camera.rays(drr.supersample) for camera in cameras]
-            sources = torch.cat([s for s, _ in rays])  # [b, 1, 3]
-            targets = torch.cat([t for _, t in rays])  # [b, R, 3]
+            host = [self._host_values(params[j]) for j in members]
+            packed = torch.stack([h["packed"] for h in host])  # [b, 31 + E + 2] float64
+            if self.device.type == "cuda":
+                packed = packed.pin_memory().to(self.device, non_blocking=True)
+            else:
+                packed = packed.to(self.device)
+            k_inv, rotation, translation = packed[:, 0:9], packed[:, 9:18], packed[:, 18:21]
+            sdd, intrinsics = packed[:, 21:22], packed[:, 22:31]
+            weights = packed[:, 31 : 31 + self._grid_bins]
+            target, mean_energy = packed[:, 31 + self._grid_bins], packed[:, 32 + self._grid_bins]
+            sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
             with torch.no_grad():
                 integrals = drr.cast(sources, targets)  # one op call for the whole group
-                for slot, (j, camera) in enumerate(zip(members, cameras, strict=True)):
+                for slot, j in enumerate(members):
                     p = params[j]
-                    generator = torch.Generator(device=self.device).manual_seed(p.noise_seed)
+                    camera = Camera(
+                        intrinsics[slot].view(3, 3),
+                        rotation[slot].view(1, 3, 3),
+                        translation[slot].view(1, 3),
+                        self.height,
+                        self.width,
+                        p.sdd_mm,
+                    )
                     image = drr.detect(
                         integrals[slot : slot + 1],
                         camera,
-                        generator=generator,
+                        generator=torch.Generator(device=self.device).manual_seed(p.noise_seed),
                         noisy=p.noisy,
-                        spectrum_weights=self.spectrum_weights(p),
-                        photons_behind_patient=p.photons_behind_patient,
+                        spectrum_weights=weights[slot],
+                        photons_behind_patient=target[slot],
+                        flat_mean_energy_keV=mean_energy[slot],
+                        check_inputs=False,  # made valid here: no host round trip
                     )
-                    items[j] = self._item(p, camera, image[0])
+                    items[j] = self._item(p, host[slot], image[0])
         if not stack:
             return items
         return _stack(items)
 
-    def _item(self, params: SampleParameters, camera: Camera, image: Tensor) -> dict:
+    def _host_values(self, params: SampleParameters) -> dict:
+        """A sample's geometry and physics, computed on the host in float64 (per sample, so batch-independent)."""
+        drr = self.drr(params.ct_index)
+        isocenter = drr.volume_center + torch.tensor(params.translation_mm, dtype=torch.float64)
+        rotation, translation = carm_extrinsics(
+            params.primary_deg, params.secondary_deg, params.sod_mm, isocenter, params.inplane_deg
+        )
+        intrinsics = intrinsic_matrix(params.sdd_mm, self.height, self.width, self.pixel_spacing_mm)
+        weights = self.spectrum_weights(params)
+        counts = weights * drr._host_efficiency
+        mean_energy = (counts * drr._host_energy).sum() / counts.sum()
+        packed = torch.cat([
+            torch.linalg.inv(intrinsics).reshape(9), rotation.reshape(9), translation.reshape(3),
+            torch.tensor([params.sdd_mm], dtype=torch.float64), intrinsics.reshape(9), weights,
+            torch.tensor([params.photons_behind_patient], dtype=torch.float64), mean_energy.reshape(1),
+        ])  # fmt: skip
+        return {"packed": packed, "K": intrinsics, "R": rotation[0], "t": translation[0]}
+
+    def _rays(self, k_inv: Tensor, rotation: Tensor, translation: Tensor, sdd: Tensor, supersample: int):
+        """Sources ``[b, 1, 3]`` and detector points ``[b, R, 3]`` (world mm) of ``b`` samples, in the order of
+        ``Camera.rays``, computed element-wise (no matrix products) so that a sample's rays do not depend on the
+        other samples in the batch."""
+        u, v = self._pixel_grid(supersample)  # [R] float64 on the device
+        k = k_inv.unsqueeze(-1)  # [b, 9, 1]
+        depth = sdd  # [b, 1]
+        x = depth * (k[:, 0] * u + k[:, 1] * v + k[:, 2])
+        y = depth * (k[:, 3] * u + k[:, 4] * v + k[:, 5])
+        z = depth * (k[:, 6] * u + k[:, 7] * v + k[:, 8])
+        r = rotation.unsqueeze(-1)  # [b, 9, 1], row-major R
+        t = translation.unsqueeze(-1)  # [b, 3, 1]
+        dx, dy, dz = x - t[:, 0], y - t[:, 1], z - t[:, 2]
+        # world = R^T (p - t): component j is sum_i (p - t)_i R_ij
+        targets = torch.stack(
+            [dx * r[:, 0] + dy * r[:, 3] + dz * r[:, 6], dx * r[:, 1] + dy * r[:, 4] + dz * r[:, 7],
+             dx * r[:, 2] + dy * r[:, 5] + dz * r[:, 8]],
+            dim=-1,
+        )  # fmt: skip
+        sources = -torch.stack(
+            [t[:, 0] * r[:, 0] + t[:, 1] * r[:, 3] + t[:, 2] * r[:, 6],
+             t[:, 0] * r[:, 1] + t[:, 1] * r[:, 4] + t[:, 2] * r[:, 7],
+             t[:, 0] * r[:, 2] + t[:, 1] * r[:, 5] + t[:, 2] * r[:, 8]],
+            dim=-1,
+        )  # fmt: skip
+        return sources, targets
+
+    def _pixel_grid(self, supersample: int) -> tuple[Tensor, Tensor]:
+        """Column and row coordinates of every (sub-)ray, ordered like ``Camera.rays``; cached per device."""
+        key = (self.device, supersample)
+        if key not in self._grids:
+            s = supersample
+            offsets = (torch.arange(s, dtype=torch.float64) + 0.5) / s - 0.5
+            rows = (torch.arange(self.height, dtype=torch.float64)[:, None] + offsets).reshape(self.height, 1, s, 1)
+            cols = (torch.arange(self.width, dtype=torch.float64)[:, None] + offsets).reshape(1, self.width, 1, s)
+            rows, cols = torch.broadcast_tensors(rows, cols)
+            self._grids[key] = (cols.reshape(-1).to(self.device), rows.reshape(-1).to(self.device))
+        return self._grids[key]
+
+    def _item(self, params: SampleParameters, host: dict, image: Tensor) -> dict:
         item = params.as_dict()
         item["translation_mm"] = torch.tensor(params.translation_mm, dtype=torch.float64)
         item["image"] = image.to(torch.float32)
-        item["K"] = camera.intrinsics.to(torch.float64)
-        item["R"] = camera.rotation[0].to(torch.float64)
-        item["t"] = camera.translation[0].to(torch.float64)
-        item["P"] = camera.projection_matrix()[0].to(torch.float64)
+        item["K"], item["R"], item["t"] = host["K"], host["R"], host["t"]
+        item["P"] = host["K"] @ torch.cat([host["R"], host["t"][:, None]], dim=1)
         if self.landmarks is not None:
-            points = self.landmarks[params.ct_index].to(self.device)
-            uv = camera.project(points)[0]
+            points = self.landmarks[params.ct_index]
+            homogeneous = points @ item["P"][:, :3].T + item["P"][:, 3]
+            uv = homogeneous[:, :2] / homogeneous[:, 2:]
             depth = points @ item["R"].T + item["t"]  # camera frame: in front of the source when z > 0
             inside = (uv[:, 0] >= -0.5) & (uv[:, 0] <= self.width - 0.5) & (uv[:, 1] >= -0.5)
             inside &= (uv[:, 1] <= self.height - 0.5) & (depth[:, 2] > 0)

@@ -227,12 +227,14 @@ class Noise(nn.Module):
         return var if std is None else var + std**2
 
     def _electronic_std(
-        self, counts: Tensor, energy: Tensor | None, photon_energy_keV: float | Tensor | None
+        self, counts: Tensor, energy: Tensor | None, photon_energy_keV: float | Tensor | None, validate: bool = True
     ) -> Tensor | float | None:
         if self.electronic_std_photons == 0:
             return None
         if energy is None:
             return self.electronic_std_photons
+        if not validate and photon_energy_keV is not None:  # trusted caller: no host round trip for the check
+            return self.electronic_std_photons * photon_energy_keV
         return self.electronic_std_photons * _photon_energy(photon_energy_keV, counts)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +267,7 @@ class Noise(nn.Module):
         """
         if validate:
             _check_inputs(counts, energy, generator)
-        electronic_std = self._electronic_std(counts, energy, photon_energy_keV)
+        electronic_std = self._electronic_std(counts, energy, photon_energy_keV, validate)
         if self.blur_sigma_px > 0:
             _check_blur_size(self.blur_sigma_px, counts.shape[-2:])
         if self.method == "gaussian":
