@@ -639,6 +639,136 @@ class DRR(nn.Module):
         check_generator(generator, counts.device)  # validate=False below skips the noise module's own checks
         return self.noise(counts, energy, generator=generator, photon_energy_keV=photon_energy, validate=False)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Many samples with their own physics (training data)
+    # ------------------------------------------------------------------------------------------------------------
+    def sample_rows(self, spectrum_weights: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Host-side (CPU float64) physics of one sample's spectrum for ``detect_samples``.
+
+        Args:
+            spectrum_weights: ``[E]`` photon fluence per bin on this module's energy grid (non-negative, CPU).
+
+        Returns:
+            ``rows`` ``[Q, E]`` (photon counts per bin and, for an energy-integrating detector, energy per bin, after
+            the absorber), ``flat_log`` ``[K]`` (log of each channel's flat-field signal per unit N0) and the mean
+            detected energy of the flat field (keV).
+        """
+        photons = spectrum_weights.detach().to("cpu", torch.float64)
+        _check_photons(photons)
+        p = photons / photons.sum()
+        counts = p * self._host_efficiency
+        rows = [counts] if self.detector.kind == "photon-counting" else [counts, counts * self._host_energy]
+        measure = rows[-1]
+        flat = torch.stack([measure[a:e].sum() for a, e in self.channel_bins]).log()
+        return torch.stack(rows), flat, float((counts * self._host_energy).sum() / counts.sum())
+
+    def detect_samples(
+        self,
+        integrals: Tensor,
+        intrinsics: Tensor,
+        height: int,
+        width: int,
+        rows: Tensor,
+        flat_log: Tensor,
+        photons_behind_patient: Tensor,
+        flat_mean_energy_keV: Tensor,
+        generators: list[torch.Generator] | None,
+        output: str | None = None,
+    ) -> Tensor:
+        """``detect`` for B samples that each bring their own spectrum, dose and noise stream, vectorised.
+
+        Everything element-wise runs once for the batch; what reduces over pixels (exposure control) or draws random
+        numbers (noise, one generator per sample) runs per sample, so that a sample's image does not depend on the
+        other samples of the batch. Exposure is automatic (``photons_behind_patient``). No scatter module.
+
+        Args:
+            integrals: ``[B, H * W * s * s, M]`` mass thicknesses (g/cm^2) from ``cast``.
+            intrinsics: ``[B, 3, 3]`` K of each sample (for the falloff).
+            height, width: detector pixels.
+            rows, flat_log: ``[B, Q, E]`` and ``[B, K]`` from ``sample_rows``, on the module's device.
+            photons_behind_patient: ``[B]`` exposure targets.
+            flat_mean_energy_keV: ``[B]`` from ``sample_rows`` (electronic noise in keV).
+            generators: one noise generator per sample, or None for expected values.
+            output: "line_integral", "flat_field", "intensity" or "photons" (per the detector).
+
+        Returns:
+            ``[B, K, H, W]``.
+        """
+        if self.scatter is not None:
+            raise ValueError("detect_samples does not run scatter modules: use detect per sample")
+        output = self._check_output(output) if output is not None else self.output
+        noisy = generators is not None
+        if noisy and self.noise is None:
+            raise ValueError("generators were given but the DRR has no noise model")
+        b, hw, s2 = integrals.shape[0], height * width, self.supersample**2
+        k = self.detector.channels
+        counting = self.detector.kind == "photon-counting"
+        measure = 0 if counting else 1
+        starts, groups = self._groups(noisy)
+        mu = self.mass_attenuation.to(self.dtype)
+        rows = rows.to(self.dtype)
+        log_terms = torch.cat(
+            [log_weighted_transmission(integrals[i : i + 1], mu, rows[i], starts, check_values=False) for i in range(b)]
+        )  # [B, R, Q, G]: one op call per sample (its own spectrum)
+        log_flat = flat_log.to(self.dtype).view(b, k, 1)
+        if self.detector.falloff:
+            falloff = torch.stack([falloff_factor(intrinsics[i], height, width, self.supersample) for i in range(b)])
+            falloff = falloff.to(self.dtype)
+            log_terms = log_terms + falloff.log().view(b, -1, 1, 1)
+            log_flat = log_flat + falloff.view(b, hw, s2).mean(2).log().view(b, 1, hw)
+
+        # Exposure control per sample: the photons detected per unit N0, summed over groups element-wise, then
+        # averaged behind the body of that sample's image only.
+        with torch.no_grad():
+            counts_row = log_terms[..., 0, :]
+            detected = counts_row[..., 0].exp()
+            for g in range(1, counts_row.shape[-1]):
+                detected = detected + counts_row[..., g].exp()
+            detected = detected if s2 == 1 else detected.view(b, hw, s2).mean(2)
+            pixel_integrals = integrals if s2 == 1 else integrals.view(b, hw, s2, -1).mean(2)
+            body = pixel_integrals.sum(-1) >= BODY_MASS_THICKNESS  # element-wise over M <= 8 materials
+            mean_detected = []
+            for i in range(b):
+                n_body = body[i].sum()
+                behind = (detected[i] * body[i]).sum() / n_body.clamp_min(1)
+                mean_detected.append(torch.where(n_body > 0, behind, detected[i].mean()))
+            log_n0 = photons_behind_patient.to(self.dtype).log() - torch.stack(mean_detected).log()  # [B]
+        log_flat = log_flat + log_n0.view(b, 1, 1)  # [B, K, 1 or HW]
+
+        if not noisy:
+            log_meas = log_terms[..., measure, :]  # one group per channel without noise
+            log_meas = log_meas if s2 == 1 else torch.logsumexp(log_meas.view(b, hw, s2, k), 2) - math.log(s2)
+            log_signal = log_meas.reshape(b, hw, k).transpose(1, 2) + log_n0.view(b, 1, 1)
+            line_integral = log_flat - log_signal
+            signal = None
+        else:
+            expected = log_terms.add_(log_n0.view(b, 1, 1, 1)).exp_()  # [B, R, Q, G]
+            q = expected.shape[-2]
+            expected = expected.view(b, hw, s2, q, k * groups)
+            expected = expected[:, :, 0] if s2 == 1 else expected.mean(2)
+            expected = expected.permute(0, 2, 3, 1).reshape(b, q, k, groups, height, width)
+            draws = []
+            for i in range(b):
+                energy = None if counting else expected[i : i + 1, 1]
+                photon_energy = None if counting else flat_mean_energy_keV[i].to(self.dtype)
+                draws.append(
+                    self.noise(expected[i : i + 1, 0], energy, generator=generators[i], photon_energy_keV=photon_energy,
+                               validate=False)
+                )  # fmt: skip
+            signal = torch.cat(draws).reshape(b, k, hw)
+            floor = 0.5 if counting else 0.5 * flat_mean_energy_keV.to(self.dtype).view(b, 1, 1)
+            line_integral = log_flat - signal.clamp_min(floor).log()
+            log_signal = None
+        if output == "line_integral":
+            result = line_integral
+        elif output == "flat_field":
+            result = (-line_integral).exp() if signal is None else signal / log_flat.exp()
+        elif output in ("intensity", "photons"):
+            result = log_signal.exp() if signal is None else signal
+        else:
+            result = display_image(line_integral.reshape(b, k, height, width))
+        return result.reshape(b, k, height, width)
+
     def extra_repr(self) -> str:
         exposure = (
             f"photons_behind_patient={self.photons_behind_patient:g}"

@@ -252,61 +252,52 @@ class DRRDataset(torch.utils.data.Dataset):
         params = [self.parameters(int(i)) for i in indices]
         items: list[dict | None] = [None] * len(params)
         for ct_index in sorted({p.ct_index for p in params}):
-            members = [j for j, p in enumerate(params) if p.ct_index == ct_index]
             drr = self.drr(ct_index)
-            host = [self._host_values(params[j]) for j in members]
-            packed = torch.stack([h["packed"] for h in host])  # [b, 31 + E + 2] float64
-            if self.device.type == "cuda":
-                packed = packed.pin_memory().to(self.device, non_blocking=True)
-            else:
-                packed = packed.to(self.device)
-            k_inv, rotation, translation = packed[:, 0:9], packed[:, 9:18], packed[:, 18:21]
-            sdd, intrinsics = packed[:, 21:22], packed[:, 22:31]
-            weights = packed[:, 31 : 31 + self._grid_bins]
-            target, mean_energy = packed[:, 31 + self._grid_bins], packed[:, 32 + self._grid_bins]
-            sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
-            with torch.no_grad():
-                integrals = drr.cast(sources, targets)  # one op call for the whole group
+            for noisy in (False, True):  # noise changes the energy groups: one vectorised pass per kind
+                members = [j for j, p in enumerate(params) if p.ct_index == ct_index and p.noisy == noisy]
+                if not members:
+                    continue
+                host = [self._host_values(params[j], drr) for j in members]
+                packed = torch.stack([h["packed"] for h in host])  # [b, 33 + K + Q * E] float64
+                if self.device.type == "cuda":
+                    packed = packed.pin_memory().to(self.device, non_blocking=True)
+                else:
+                    packed = packed.to(self.device)
+                k_inv, rotation, translation = packed[:, 0:9], packed[:, 9:18], packed[:, 18:21]
+                sdd, intrinsics = packed[:, 21:22], packed[:, 22:31].reshape(-1, 3, 3)
+                target, mean_energy = packed[:, 31], packed[:, 32]
+                channels = drr.detector.channels
+                flat_log = packed[:, 33 : 33 + channels]
+                rows = packed[:, 33 + channels :].reshape(len(members), -1, self._grid_bins)
+                sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
+                generators = None
+                if noisy:
+                    generators = [
+                        torch.Generator(device=self.device).manual_seed(params[j].noise_seed) for j in members
+                    ]
+                with torch.no_grad():
+                    integrals = drr.cast(sources, targets)  # one op call for the whole group
+                    images = drr.detect_samples(
+                        integrals, intrinsics, self.height, self.width, rows, flat_log, target, mean_energy, generators
+                    )
                 for slot, j in enumerate(members):
-                    p = params[j]
-                    camera = Camera(
-                        intrinsics[slot].view(3, 3),
-                        rotation[slot].view(1, 3, 3),
-                        translation[slot].view(1, 3),
-                        self.height,
-                        self.width,
-                        p.sdd_mm,
-                    )
-                    image = drr.detect(
-                        integrals[slot : slot + 1],
-                        camera,
-                        generator=torch.Generator(device=self.device).manual_seed(p.noise_seed),
-                        noisy=p.noisy,
-                        spectrum_weights=weights[slot],
-                        photons_behind_patient=target[slot],
-                        flat_mean_energy_keV=mean_energy[slot],
-                        check_inputs=False,  # made valid here: no host round trip
-                    )
-                    items[j] = self._item(p, host[slot], image[0])
+                    items[j] = self._item(params[j], host[slot], images[slot])
         if not stack:
             return items
         return _stack(items)
 
-    def _host_values(self, params: SampleParameters) -> dict:
+    def _host_values(self, params: SampleParameters, drr: DRR) -> dict:
         """A sample's geometry and physics, computed on the host in float64 (per sample, so batch-independent)."""
-        drr = self.drr(params.ct_index)
         isocenter = drr.volume_center + torch.tensor(params.translation_mm, dtype=torch.float64)
         rotation, translation = carm_extrinsics(
             params.primary_deg, params.secondary_deg, params.sod_mm, isocenter, params.inplane_deg
         )
         intrinsics = intrinsic_matrix(params.sdd_mm, self.height, self.width, self.pixel_spacing_mm)
-        weights = self.spectrum_weights(params)
-        counts = weights * drr._host_efficiency
-        mean_energy = (counts * drr._host_energy).sum() / counts.sum()
+        rows, flat_log, mean_energy = drr.sample_rows(self.spectrum_weights(params))
         packed = torch.cat([
             torch.linalg.inv(intrinsics).reshape(9), rotation.reshape(9), translation.reshape(3),
-            torch.tensor([params.sdd_mm], dtype=torch.float64), intrinsics.reshape(9), weights,
-            torch.tensor([params.photons_behind_patient], dtype=torch.float64), mean_energy.reshape(1),
+            torch.tensor([params.sdd_mm], dtype=torch.float64), intrinsics.reshape(9),
+            torch.tensor([params.photons_behind_patient, mean_energy], dtype=torch.float64), flat_log, rows.reshape(-1),
         ])  # fmt: skip
         return {"packed": packed, "K": intrinsics, "R": rotation[0], "t": translation[0]}
 

@@ -27,6 +27,7 @@ number of ranks or the batch size.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,10 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------------
+#: Threads that encode and write images while the GPU renders the next batch.
+_WRITE_THREADS = min(8, os.cpu_count() or 1)
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -539,12 +545,19 @@ def _generate(
     def render() -> int:
         todo = [i for i in range(rank, count, world) if not writer.done(i)]
         bar = _progress_bar(len(todo), progress and rank == 0, world)
+        # Encoding and writing (PNG compression, checksums) run in threads while the next batch renders; at most
+        # a few batches wait, which bounds memory. Each write is atomic, so an interrupted run leaves whole files.
+        pending: collections.deque = collections.deque()
         try:
-            for first in range(0, len(todo), batch_size):
-                batch = todo[first : first + batch_size]
-                for item in dataset.render_batch(batch, stack=False):
-                    writer.write(item)
-                bar.update(len(batch))
+            with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+                for first in range(0, len(todo), batch_size):
+                    batch = todo[first : first + batch_size]
+                    pending.extend(pool.submit(writer.write, item) for item in dataset.render_batch(batch, stack=False))
+                    while len(pending) > 4 * batch_size:
+                        pending.popleft().result()
+                    bar.update(len(batch))
+                while pending:
+                    pending.popleft().result()
         finally:
             bar.close()
         return len(todo)
