@@ -97,8 +97,13 @@ def test_images_follow_the_sample_physics() -> None:
     expected = reference(camera, generator=torch.Generator().manual_seed(p.noise_seed))
     torch.testing.assert_close(dataset[4]["image"], expected[0], rtol=1e-5, atol=1e-5)
     quiet = small(physics=PhysicsDistribution(noise_probability=0.0))
-    assert not quiet.parameters(4).noisy
+    q = quiet.parameters(4)
+    assert not q.noisy
     assert not torch.equal(quiet[4]["image"], dataset[4]["image"])
+    expected = DRR(
+        volume, spectrum=spectrum(q.kvp, q.filtration_mm_al), photons_behind_patient=q.photons_behind_patient
+    )
+    torch.testing.assert_close(quiet[4]["image"], expected(quiet.camera(q))[0], rtol=1e-5, atol=1e-5)
 
 
 def test_worker_loading_matches_the_main_process() -> None:
