@@ -197,3 +197,14 @@ def test_cuda_path_noise_free_matches_cpu(volume):
     index_batch = {key: value.cuda() for key, value in next(iter(gpu_dm.train_dataloader())).items()}
     gpu = gpu_dm.on_after_batch_transfer(index_batch, 0)
     assert torch.allclose(gpu["image"].cpu(), cpu["image"], rtol=1e-3, atol=1e-3)
+
+
+def test_workers_prepare_and_the_main_process_renders(volume):
+    """The GPU path's split (workers run prepare_batch, the main process render_prepared) gives the same batches."""
+    direct = make_datamodule(volume, render_on="main", shuffle=False)
+    split = make_datamodule(volume, render_on="main", shuffle=False)
+    dataset = split.train_dataset
+    for expected in batches(direct):
+        prepared = dataset.prepare_batch(expected["index"].tolist())
+        assert all(group["packed"].device.type == "cpu" for group in prepared["groups"])
+        assert_batches_equal(dataset.render_prepared(prepared), expected)

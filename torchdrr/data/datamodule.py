@@ -6,9 +6,11 @@ Two ways to render, chosen by ``render_on``:
   worker (one ray-cast call per CT), so the batch equals ``DRRDataset.render_batch(indices)`` exactly. Workers are
   forked (the default start method on Linux), which is fine for CPU work; CUDA must never be initialised in a
   forked worker (it cannot start after a fork), which is why this path renders on the CPU only.
-* ``"cuda"``: the DataLoader yields only index batches (``IndexDataset``, no rendering in workers) and
-  ``on_after_batch_transfer`` renders them on the trainer's device in the main process with ``RenderIndices``: a
-  batched GPU "augmentation transform" that casts the rays of the whole batch in one op call per CT. ``"main"`` does
+* ``"cuda"``: rendering runs on the trainer's device in the main process, in ``on_after_batch_transfer``: a
+  batched GPU "augmentation transform" that casts the rays of the whole batch in one op call per CT. With
+  ``num_workers > 0`` the workers prepare each batch's host half (``DRRDataset.prepare_batch``: parameters, geometry,
+  spectra, CPU only, no CUDA in the workers) and the main process only renders (``render_prepared``); with no
+  workers the loader yields index batches (``IndexDataset``) rendered by ``RenderIndices``. ``"main"`` does
   the same on any device (``device`` or the trainer's, else the CPU), e.g. to test the GPU path on a CPU machine.
   ``"auto"`` picks ``"cuda"`` when a GPU and CUDA kernels are available, else ``"cpu"``.
 
@@ -143,6 +145,26 @@ class _BatchRenderer(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict:
         return self.dataset.render_batch(indices)
+
+
+class _BatchPreparer(Dataset):
+    """Wraps a CPU ``DRRDataset`` so that DataLoader workers run ``prepare_batch`` (the host half of rendering:
+    parameters, geometry, spectra) in parallel, and the main process only renders on the GPU."""
+
+    def __init__(self, dataset: DRRDataset, split: int) -> None:
+        self.dataset = dataset
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        prepared = self.dataset.prepare_batch(indices)
+        prepared["split"] = self.split
+        return prepared
 
 
 def _keep_batch(batch: dict) -> dict:
@@ -291,7 +313,12 @@ class DRRDataModule(pl.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         train = split == "train"
         generator = torch.Generator().manual_seed(self.seed) if (train and self.shuffle) else None
-        if self.renders_in_main:
+        if self.render_on == "cuda" and self.num_workers > 0:
+            # Workers prepare the host half of each batch; the main process renders it on the GPU.
+            dataset = _BatchPreparer(self._make_dataset(split, "cpu"), SPLITS.index(split))
+            collate_fn = _keep_batch
+            pin_memory = True
+        elif self.renders_in_main:
             dataset = IndexDataset(self.lengths[split], SPLITS.index(split))
             collate_fn = None  # default collate: {"index": [B], "split": [B]}
             pin_memory = False  # index batches are a few bytes
@@ -353,6 +380,13 @@ class DRRDataModule(pl.LightningDataModule):
         CPU-worker path returns the batch unchanged."""
         if not self.renders_in_main:
             return batch
+        if isinstance(batch, dict) and batch.get("prepared"):  # prepared by the workers: render it here
+            renderer = self.renderer(SPLITS[int(batch["split"])])
+            rendered = renderer.dataset.render_prepared(batch)
+            return {
+                key: value.to(renderer.device, non_blocking=True) if isinstance(value, Tensor) else value
+                for key, value in rendered.items()
+            }
         if not (isinstance(batch, dict) and "index" in batch and "split" in batch):
             return batch
         splits = batch["split"].reshape(-1).unique().tolist()

@@ -134,6 +134,7 @@ class DRRDataset(torch.utils.data.Dataset):
                 raise ValueError(f"drr_options must not set {reserved!r}: the dataset sets it per sample")
         self._drrs: dict[int, DRR] = {}
         self._grids: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._host_drrs: dict[int, DRR] = {}
         # One energy grid for every kVp of the range: the spectrum at the highest kVp fixes it.
         self._grid_kvp = math.ceil(self.physics.kvp[1])
         self._grid_bins = spectrum(self._grid_kvp)[0].numel()
@@ -181,14 +182,22 @@ class DRRDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_drrs"] = {}  # workers load their own CTs (no GPU tensors or big buffers through pickling)
         state["_grids"] = {}
+        state["_host_drrs"] = {}
         return state
 
-    def drr(self, ct_index: int) -> DRR:
-        """The DRR module of one CT on the dataset's device (loaded on first use in each process)."""
+    def drr(self, ct_index: int, host_only: bool = False) -> DRR:
+        """The DRR module of one CT on the dataset's device (loaded on first use in each process). ``host_only``:
+        any copy will do (``prepare_batch`` only reads its host-side values), e.g. a worker's CPU copy."""
+        if host_only and ct_index not in self._drrs and ct_index in self._host_drrs:
+            return self._host_drrs[ct_index]
         if ct_index not in self._drrs:
             ct = self.cts[ct_index]
             volume = ct if isinstance(ct, Volume) else Volume.load(ct, fix_padding=True)
-            self._drrs[ct_index] = self._make_drr(volume).to(self.device)
+            drr = self._make_drr(volume)
+            if host_only and self.device.type != "cpu":
+                self._host_drrs[ct_index] = drr  # a worker preparing batches for a GPU: keep the CT on the CPU
+                return drr
+            self._drrs[ct_index] = drr.to(self.device)
         return self._drrs[ct_index]
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -236,52 +245,82 @@ class DRRDataset(torch.utils.data.Dataset):
         return self.render_batch([index], stack=False)[0]
 
     def render_batch(self, indices: Sequence[int] | Tensor, stack: bool = True) -> dict | list[dict]:
-        """Renders several samples with one ray-cast call per CT.
+        """Renders several samples with one ray-cast call per CT: ``render_prepared(prepare_batch(indices))``.
 
         Each sample gets exactly the values ``self[i]`` gives, whatever the batch: its geometry is computed on the
         host in float64, its rays with element-wise arithmetic only, and its physics and noise stream are its own.
-        On a GPU the host values travel in one pinned copy per batch and nothing waits for the device, so the CPU
-        queues work while the GPU renders.
 
         Args:
             indices: sample indices.
             stack: return one dict of stacked tensors (``image`` ``[B, K, H, W]`` ...) instead of a list of dicts.
         """
+        return self.render_prepared(self.prepare_batch(indices), stack=stack)
+
+    def prepare_batch(self, indices: Sequence[int] | Tensor) -> dict:
+        """The host half of ``render_batch``: every sample's parameters, geometry and spectrum, in CPU tensors.
+
+        Cheap to pickle, so DataLoader workers can prepare batches in parallel while the main process renders on
+        the GPU (``DRRDataModule(render_on="cuda")`` does this). Returns ``{"prepared": True, "params": [...],
+        "groups": [{"ct_index", "noisy", "members", "packed" [b, 33 + K + Q * E] float64}], "K", "R", "t"}``.
+        """
         if isinstance(indices, Tensor):
             indices = indices.reshape(-1).tolist()
         params = [self.parameters(int(i)) for i in indices]
-        items: list[dict | None] = [None] * len(params)
+        geometry: list[dict | None] = [None] * len(params)
+        groups = []
         for ct_index in sorted({p.ct_index for p in params}):
-            drr = self.drr(ct_index)
+            drr = self.drr(ct_index, host_only=True)
             for noisy in (False, True):  # noise changes the energy groups: one vectorised pass per kind
                 members = [j for j, p in enumerate(params) if p.ct_index == ct_index and p.noisy == noisy]
                 if not members:
                     continue
                 host = [self._host_values(params[j], drr) for j in members]
-                packed = torch.stack([h["packed"] for h in host])  # [b, 33 + K + Q * E] float64
-                if self.device.type == "cuda":
-                    packed = packed.pin_memory().to(self.device, non_blocking=True)
-                else:
-                    packed = packed.to(self.device)
-                k_inv, rotation, translation = packed[:, 0:9], packed[:, 9:18], packed[:, 18:21]
-                sdd, intrinsics = packed[:, 21:22], packed[:, 22:31].reshape(-1, 3, 3)
-                target, mean_energy = packed[:, 31], packed[:, 32]
-                channels = drr.detector.channels
-                flat_log = packed[:, 33 : 33 + channels]
-                rows = packed[:, 33 + channels :].reshape(len(members), -1, self._grid_bins)
-                sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
-                generators = None
-                if noisy:
-                    generators = [
-                        torch.Generator(device=self.device).manual_seed(params[j].noise_seed) for j in members
-                    ]
-                with torch.no_grad():
-                    integrals = drr.cast(sources, targets)  # one op call for the whole group
-                    images = drr.detect_samples(
-                        integrals, intrinsics, self.height, self.width, rows, flat_log, target, mean_energy, generators
-                    )
-                for slot, j in enumerate(members):
-                    items[j] = self._item(params[j], host[slot], images[slot])
+                for j, h in zip(members, host, strict=True):
+                    geometry[j] = h
+                packed = torch.stack([h["packed"] for h in host])
+                groups.append({"ct_index": ct_index, "noisy": noisy, "members": members, "packed": packed})
+        return {
+            "prepared": True,
+            "params": params,
+            "groups": groups,
+            "K": torch.stack([g["K"] for g in geometry]),
+            "R": torch.stack([g["R"] for g in geometry]),
+            "t": torch.stack([g["t"] for g in geometry]),
+        }
+
+    def render_prepared(self, prepared: dict, stack: bool = True) -> dict | list[dict]:
+        """The device half of ``render_batch``: rays, one ray cast per CT and the physics, on ``self.device``.
+
+        On a GPU the host values travel in one pinned copy per group and nothing waits for the device, so the CPU
+        queues work while the GPU renders."""
+        params = prepared["params"]
+        images: list[Tensor | None] = [None] * len(params)
+        for group in prepared["groups"]:
+            drr = self.drr(group["ct_index"])
+            members, packed = group["members"], group["packed"]
+            if self.device.type == "cuda" and packed.device.type == "cpu":
+                packed = packed.pin_memory().to(self.device, non_blocking=True)
+            else:
+                packed = packed.to(self.device)
+            k_inv, rotation, translation = packed[:, 0:9], packed[:, 9:18], packed[:, 18:21]
+            sdd, intrinsics = packed[:, 21:22], packed[:, 22:31].reshape(-1, 3, 3)
+            target, mean_energy = packed[:, 31], packed[:, 32]
+            channels = drr.detector.channels
+            flat_log = packed[:, 33 : 33 + channels]
+            rows = packed[:, 33 + channels :].reshape(len(members), -1, self._grid_bins)
+            sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
+            generators = None
+            if group["noisy"]:
+                generators = [torch.Generator(device=self.device).manual_seed(params[j].noise_seed) for j in members]
+            with torch.no_grad():
+                integrals = drr.cast(sources, targets)  # one op call for the whole group
+                rendered = drr.detect_samples(
+                    integrals, intrinsics, self.height, self.width, rows, flat_log, target, mean_energy, generators
+                )
+            for slot, j in enumerate(members):
+                images[j] = rendered[slot]
+        geometry = {key: prepared[key].cpu() for key in ("K", "R", "t")}
+        items = [self._item(p, {key: geometry[key][j] for key in geometry}, images[j]) for j, p in enumerate(params)]
         if not stack:
             return items
         return _stack(items)
