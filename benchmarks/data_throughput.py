@@ -4,9 +4,10 @@ Renders random C-arm views of the bundled chest CT with the default random physi
 spectrum per sample, compound Poisson + electronic noise, automatic exposure) at 256 x 256 and at 1240 x 960
 (width x height) pixels, and prints a Markdown table.
 
-* With a GPU (and CUDA kernels): ``render_on="cuda"``: the loader yields index batches, which are moved to the GPU and
-  rendered by ``DRRDataModule.on_after_batch_transfer`` in this process; the timer covers that call and a
-  ``torch.cuda.synchronize()``.
+* With a GPU (and CUDA kernels): ``render_on="cuda"``: ``--workers`` DataLoader workers (default 8) prepare each
+  batch's host half (parameters, geometry, spectra: ``DRRDataset.prepare_batch``) and this process renders it on the
+  GPU in ``DRRDataModule.on_after_batch_transfer``. The timer covers the whole loop: fetching the prepared batch,
+  rendering it, and a ``torch.cuda.synchronize()``.
 * Otherwise: ``render_on="cpu"``: the DataLoader's workers render (``--workers``, default 0: this process); the timer
   covers fetching rendered batches from the loader.
 
@@ -39,7 +40,7 @@ def measure(
         val_length=0,
         seed=0,
         batch_size=batch_size,
-        num_workers=workers if render_on == "cpu" else 0,
+        num_workers=workers,
         render_on=render_on,
         height=height,
         width=width,
@@ -51,8 +52,9 @@ def measure(
     def next_batch() -> dict:
         batch = next(loader)
         if cuda:
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            batch = datamodule.on_after_batch_transfer(batch, 0)
+            if not batch.get("prepared"):  # index batches (no workers): move them as Lightning would
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            batch = datamodule.on_after_batch_transfer(batch, 0)  # prepared batches: render_prepared copies them
             torch.cuda.synchronize(device)
         return batch
 
@@ -75,7 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-full", type=int, default=4 if gpu else 1, help="batch size at 1240 x 960")
     parser.add_argument("--batches", type=int, default=10 if gpu else 2, help="timed batches per resolution")
     parser.add_argument("--warmup", type=int, default=3 if gpu else 1, help="untimed warm-up batches")
-    parser.add_argument("--workers", type=int, default=0, help="CPU path: DataLoader workers that render")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=8 if gpu else 0,
+        help="DataLoader workers: on the CPU path they render; on the GPU path they prepare batches (host half)",
+    )
     parser.add_argument("--render-on", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
     render_on = args.render_on if args.render_on != "auto" else ("cuda" if gpu else "cpu")
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}; full physics (3 materials, per-sample spectrum 70-120 kVp, noise, automatic "
         f"exposure), bundled chest CT; {args.warmup} warm-up + {args.batches} timed batches; "
-        f"workers {args.workers if render_on == 'cpu' else 0}."
+        f"workers {args.workers} ({'render' if render_on == 'cpu' else 'prepare batches'})."
     )
     print()
     print("| resolution (W x H) | batch | render_on | DRRs/s | ms/batch |")
