@@ -281,7 +281,9 @@ class DRRDataset(torch.utils.data.Dataset):
                 groups.append({"ct_index": ct_index, "noisy": noisy, "members": members, "packed": packed})
         return {
             "prepared": True,
-            "params": params,
+            # Plain dicts, not dataclasses: Lightning's batch transfer rebuilds containers and cannot set the fields
+            # of a frozen dataclass.
+            "params": [p.as_dict() for p in params],
             "groups": groups,
             "K": torch.stack([g["K"] for g in geometry]),
             "R": torch.stack([g["R"] for g in geometry]),
@@ -293,7 +295,10 @@ class DRRDataset(torch.utils.data.Dataset):
 
         On a GPU the host values travel in one pinned copy per group and nothing waits for the device, so the CPU
         queues work while the GPU renders."""
-        params = prepared["params"]
+        params = [
+            SampleParameters(**{**p, "translation_mm": tuple(float(v) for v in p["translation_mm"])})
+            for p in prepared["params"]
+        ]
         images: list[Tensor | None] = [None] * len(params)
         for group in prepared["groups"]:
             drr = self.drr(group["ct_index"])

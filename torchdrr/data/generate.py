@@ -68,6 +68,8 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 #: Threads that encode and write images while the GPU renders the next batch.
 _WRITE_THREADS = min(8, os.cpu_count() or 1)
+#: Worker processes that prepare batches (parameters, geometry, spectra) while the GPU renders.
+_PREPARE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _sha256_file(path: Path) -> str:
@@ -550,12 +552,12 @@ def _generate(
         pending: collections.deque = collections.deque()
         try:
             with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
-                for first in range(0, len(todo), batch_size):
-                    batch = todo[first : first + batch_size]
-                    pending.extend(pool.submit(writer.write, item) for item in dataset.render_batch(batch, stack=False))
+                for prepared in _prepared_batches(dataset, todo, batch_size):
+                    items = dataset.render_prepared(prepared, stack=False)
+                    pending.extend(pool.submit(writer.write, item) for item in items)
                     while len(pending) > 4 * batch_size:
                         pending.popleft().result()
-                    bar.update(len(batch))
+                    bar.update(len(items))
                 while pending:
                     pending.popleft().result()
         finally:
@@ -572,6 +574,34 @@ def _generate(
         samples_per_second=rendered / seconds if seconds > 0 else 0.0,
     )
     return summary
+
+
+class _PreparedBatches(torch.utils.data.Dataset):
+    """Batch k of ``todo`` prepared by ``DRRDataset.prepare_batch`` (host work only: safe in forked workers)."""
+
+    def __init__(self, dataset: DRRDataset, batches: list[list[int]]) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.dataset.prepare_batch(self.batches[k])
+
+
+def _prepared_batches(dataset: DRRDataset, todo: list[int], batch_size: int):
+    """The host halves of the batches, in order. On a GPU they are prepared by worker processes while the main
+    process renders (the host half cost about as much as the GPU render at 256 x 256); on the CPU in line."""
+    batches = [todo[first : first + batch_size] for first in range(0, len(todo), batch_size)]
+    if dataset.device.type != "cuda" or len(batches) < 2:
+        for batch in batches:
+            yield dataset.prepare_batch(batch)
+        return
+    workers = min(_PREPARE_WORKERS, len(batches))
+    loader = torch.utils.data.DataLoader(
+        _PreparedBatches(dataset, batches), batch_size=None, num_workers=workers, pin_memory=True, prefetch_factor=4
+    )
+    yield from loader
 
 
 def _progress_bar(total: int, show: bool, world: int):
