@@ -554,6 +554,11 @@ def _generate(
             with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
                 for prepared in _prepared_batches(dataset, todo, batch_size):
                     items = dataset.render_prepared(prepared, stack=False)
+                    # One device-to-host copy per batch, here: a copy per image in the writer threads would make
+                    # each of them wait for the GPU and stall the next batch's rendering.
+                    images = torch.stack([item["image"] for item in items]).cpu()
+                    for item, image in zip(items, images, strict=True):
+                        item["image"] = image
                     pending.extend(pool.submit(writer.write, item) for item in items)
                     while len(pending) > 4 * batch_size:
                         pending.popleft().result()
