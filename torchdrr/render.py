@@ -6,8 +6,6 @@ with the calibrated ``DRR`` module. It exists so the op does real work on a real
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from torch import Tensor
 
 from .geometry import Camera
 from .io import Volume, volume_center
+from .io.writers import atomic_write
 from .ops import raycast
 
 __all__ = ["WATER_MU_PER_MM", "hu_to_mu", "render_carm", "render_line_integrals", "save_png", "to_display"]
@@ -118,13 +117,4 @@ def save_png(picture: np.ndarray, path: str | Path) -> Path:
         raise ValueError(f"output path must end in .png, got {path}")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(picture).save(handle, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda handle: Image.fromarray(picture).save(handle, format="PNG"))

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from torchdrr.io import Volume
-from torchdrr.io.writers import _atomic_write, save_png, save_tiff
+from torchdrr.io.writers import atomic_write, save_png, save_tiff
 
 from .dataset import DRRDataset
 
@@ -216,7 +216,7 @@ def _collective(world: int, rank: int, step: Callable[[], Any]) -> list[Any]:
 # Files
 # ----------------------------------------------------------------------------------------------------------------------
 def _write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda handle: handle.write(data))
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _write_json(path: Path, value: Any, **options: Any) -> None:
@@ -300,7 +300,7 @@ class _Writer:
             record["file"] = f"images/{path.name}"
         else:
             array = np.ascontiguousarray(image.to(torch.float32).numpy())
-            _atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+            atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
             shard = index // self.shard_size
             record["file"] = f"images/{self.shard_name(shard)}"
             record["shard_row"] = index - shard * self.shard_size

@@ -19,8 +19,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["GEOMETRY_SUFFIXES", "PNG_SUFFIXES", "TIFF_SUFFIXES", "check_output_path", "save_geometry", "save_png",
-           "save_tiff"]  # fmt: skip
+__all__ = [
+    "GEOMETRY_SUFFIXES",
+    "PNG_SUFFIXES",
+    "TIFF_SUFFIXES",
+    "atomic_write",
+    "check_output_path",
+    "save_geometry",
+    "save_png",
+    "save_tiff",
+]
 
 PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -44,7 +52,9 @@ def check_output_path(path: str | Path, suffixes: tuple[str, ...], what: str = "
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Writes ``path`` through ``write(handle)`` into a temporary file in the same folder, then renames it into place:
+    readers see the old file or the whole new one, never a part; the temporary file is removed on failure."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w+b") as handle:  # read too: Pillow reads back multi-page TIFFs
@@ -100,7 +110,7 @@ def save_png(image: np.ndarray | Tensor, path: str | Path, bit_depth: int = 8) -
     else:
         raise TypeError(f"a PNG image must be float in [0, 1], uint8 or uint16, got {array.dtype}")
     picture = Image.fromarray(np.ascontiguousarray(levels))  # mode "L" (uint8) or "I;16" (uint16)
-    return _atomic_write(path, lambda handle: picture.save(handle, format="PNG"))
+    return atomic_write(path, lambda handle: picture.save(handle, format="PNG"))
 
 
 def save_tiff(image: np.ndarray | Tensor, path: str | Path) -> Path:
@@ -122,7 +132,7 @@ def save_tiff(image: np.ndarray | Tensor, path: str | Path) -> Path:
     def write(handle: IO[bytes]) -> None:
         pages[0].save(handle, format="TIFF", save_all=len(pages) > 1, append_images=pages[1:])
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def _metadata_value(key: str, value: Any) -> Any:
@@ -193,9 +203,9 @@ def save_geometry(path: str | Path, camera: Any, image: Tensor | np.ndarray | No
 
     if path.suffix.lower() == ".npz":
         arrays = {k: (v.numpy() if isinstance(v, Tensor) else np.asarray(v)) for k, v in record.items()}
-        return _atomic_write(path, lambda handle: np.savez(handle, **arrays))
+        return atomic_write(path, lambda handle: np.savez(handle, **arrays))
     tensors = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype.kind != "U" else v)
                for k, v in record.items()}  # fmt: skip
     tensors = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in tensors.items()}
     tensors = {k: (v.item() if isinstance(v, (np.integer, np.floating)) else v) for k, v in tensors.items()}
-    return _atomic_write(path, lambda handle: torch.save(tensors, handle))
+    return atomic_write(path, lambda handle: torch.save(tensors, handle))
