@@ -1,7 +1,7 @@
-"""A minimal line-integral renderer: CT -> rough water-equivalent attenuation -> ray casting -> picture.
+"""The plain line-integral renderer: CT -> rough water-equivalent attenuation -> ray casting -> picture.
 
-This is deliberately small: the physics issues replace the attenuation model (materials, spectra, detector, noise)
-with the calibrated ``DRR`` module. It exists so the op does real work on a real CT end to end.
+One channel, one energy, no detector: the quick view (`torchdrr render --physics line-integral`) and the baseline of
+the benchmarks. The calibrated X-ray (materials, spectrum, detector, noise) is ``torchdrr.DRR``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .ops import raycast
 
 __all__ = ["WATER_MU_PER_MM", "hu_to_mu", "render_carm", "render_line_integrals", "save_png", "to_display"]
 
-#: Rough linear attenuation of water for a diagnostic beam (about 0.2 /cm): a placeholder, not a spectrum.
+#: Rough linear attenuation of water for a diagnostic beam (about 0.2 /cm): one energy, no spectrum (see DRR).
 WATER_MU_PER_MM = 0.02
 
 
