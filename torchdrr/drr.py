@@ -596,17 +596,19 @@ class DRR(nn.Module):
             return (log_target - mean_detected.log()).to(self.dtype)
 
     def _flat_mean_energy(self, p: Tensor, cached: bool = True) -> float:
-        """Mean energy (keV) of the photons the detector absorbs from the flat field. Cached per version of the
-        module's spectrum (``cached``), so that rendering does not wait for the device to hand back a number."""
+        """Mean energy (keV) of the photons the detector absorbs from the flat field of the normalised spectrum
+        ``p``, summed on the host. Cached per version of the module's spectrum (``cached``), so that rendering does
+        not wait for the device to hand back a number."""
         if not cached:
-            counts = p.detach().cpu() * self._host_efficiency
-            return float((counts * self._host_energy).sum() / counts.sum())
+            return self._host_mean_energy(p)
         key = (id(self.spectrum_weights), self.spectrum_weights._version, self.spectrum_weights.device)
         if self._mean_energy_cache is None or self._mean_energy_cache[0] != key:
-            counts = p.detach().cpu() * self.efficiency.cpu()
-            value = float((counts * self.energy_keV.cpu()).sum() / counts.sum())
-            self._mean_energy_cache = (key, value)
+            self._mean_energy_cache = (key, self._host_mean_energy(p))
         return self._mean_energy_cache[1]
+
+    def _host_mean_energy(self, p: Tensor) -> float:
+        counts = p.detach().cpu() * self._host_efficiency
+        return float((counts * self._host_energy).sum() / counts.sum())
 
     def _draw(
         self,
@@ -660,7 +662,7 @@ class DRR(nn.Module):
         rows = [counts] if self.detector.kind == "photon-counting" else [counts, counts * self._host_energy]
         measure = rows[-1]
         flat = torch.stack([measure[a:e].sum() for a, e in self.channel_bins]).log()
-        return torch.stack(rows), flat, float((counts * self._host_energy).sum() / counts.sum())
+        return torch.stack(rows), flat, self._host_mean_energy(p)
 
     def detect_samples(
         self,

@@ -212,21 +212,10 @@ class DRRDataset(torch.utils.data.Dataset):
         return sample_parameters(self.seed, index, self.ct_weights, self.poses, self.physics)
 
     def camera(self, params: SampleParameters) -> Camera:
-        """The camera of one sample (float64, on the dataset's device)."""
-        drr = self.drr(params.ct_index)
-        centre = drr.volume_center.to(self.device)
-        isocenter = centre + torch.tensor(params.translation_mm, dtype=torch.float64, device=self.device)
-        return Camera.from_carm(
-            params.primary_deg,
-            params.secondary_deg,
-            isocenter,
-            sod_mm=params.sod_mm,
-            sdd_mm=params.sdd_mm,
-            height=self.height,
-            width=self.width,
-            pixel_spacing_mm=self.pixel_spacing_mm,
-            inplane_deg=params.inplane_deg,
-        )
+        """The camera of one sample (float64, on the dataset's device), from the same host geometry the renders use."""
+        host = self._host_values(params, self.drr(params.ct_index, host_only=True))
+        camera = Camera(host["K"], host["R"][None], host["t"][None], self.height, self.width, params.sdd_mm)
+        return camera.to(self.device)
 
     def spectrum_weights(self, params: SampleParameters) -> Tensor:
         """The sample's tube spectrum on the dataset's energy grid ``[E]`` (float64, CPU)."""
