@@ -7,7 +7,8 @@ spectrum per sample, compound Poisson + electronic noise, automatic exposure) at
 * With a GPU (and CUDA kernels): ``render_on="cuda"``: ``--workers`` DataLoader workers (default 8) prepare each
   batch's host half (parameters, geometry, spectra: ``DRRDataset.prepare_batch``) and this process renders it on the
   GPU in ``DRRDataModule.on_after_batch_transfer``. The timer covers the whole loop: fetching the prepared batch,
-  rendering it, and a ``torch.cuda.synchronize()``.
+  rendering it; one ``torch.cuda.synchronize()`` after the last batch stops the clock. (No synchronisation per batch:
+  a training loop lets the CPU queue the next batch while the GPU renders, and so does this loop.)
 * Otherwise: ``render_on="cpu"``: the DataLoader's workers render (``--workers``, default 0: this process); the timer
   covers fetching rendered batches from the loader.
 
@@ -55,7 +56,6 @@ def measure(
             if not batch.get("prepared"):  # index batches (no workers): move them as Lightning would
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             batch = datamodule.on_after_batch_transfer(batch, 0)  # prepared batches: render_prepared copies them
-            torch.cuda.synchronize(device)
         return batch
 
     for _ in range(warmup):
@@ -66,6 +66,8 @@ def measure(
     samples = 0
     for _ in range(batches):
         samples += next_batch()["image"].shape[0]
+    if cuda:  # the clock stops when the GPU has finished every timed batch
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     return samples / elapsed, elapsed / batches
 

@@ -62,6 +62,29 @@ def test_items_do_not_depend_on_the_batch_and_survive_pickling() -> None:
     assert torch.equal(clone[2]["image"], dataset[2]["image"])
 
 
+def test_batches_mixing_noisy_and_noise_free_samples_keep_every_image_in_its_place() -> None:
+    dataset = small(physics=PhysicsDistribution(noise_probability=0.5))
+    noisy = [dataset.parameters(i).noisy for i in range(12)]
+    assert any(noisy) and not all(noisy)
+    batch = dataset.render_batch(list(range(12)))
+    for index in range(12):
+        assert torch.equal(batch["image"][index], dataset[index]["image"]), index
+
+
+@pytest.mark.parametrize("supersample", [1, 2])
+def test_images_do_not_depend_on_the_batch(device, supersample) -> None:
+    """Bit for bit, on the GPU too, where reductions and convolutions could pick shape-dependent algorithms."""
+    size = (64, 80) if device == "cuda" else (SIZE, SIZE + 4)
+    dataset = DRRDataset(length=40, height=size[0], width=size[1], device=device, pixel_spacing_mm=(12.0, 12.0),
+                         physics=PhysicsDistribution(noise_probability=0.8),
+                         drr_options={"supersample": supersample})  # fmt: skip
+    full = dataset.render_batch(list(range(40)))["image"]
+    assert full.device.type == device and torch.isfinite(full).all()
+    for indices in ([7], [30, 7, 2], list(range(5, 21))):
+        part = dataset.render_batch(indices)["image"]
+        assert torch.equal(part, full[indices]), indices
+
+
 def test_item_geometry_and_landmarks_are_consistent() -> None:
     centre = Volume.load(bundled_ct_path(), check=False).center
     points = centre + torch.tensor(

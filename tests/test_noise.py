@@ -392,3 +392,46 @@ def test_blur_wider_than_the_image():
     counts, energy = _small_inputs()
     with pytest.raises(ValueError, match=r"blur_sigma_px=2 needs a kernel radius of 6 px.*got H, W = \(6, 7\)"):
         Noise(blur_sigma_px=2.0)(counts, energy)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Many images, each from its own seed (training data)
+# --------------------------------------------------------------------------------------------------------------------
+SAMPLE_EACH_CASES = [
+    ("compound", True, 2.0, 0.7),
+    ("fast", True, 2.0, 0.0),
+    ("gaussian", True, 0.0, 0.7),
+    ("compound", False, 1.5, 0.5),  # photon counting
+]
+
+
+@pytest.mark.parametrize(("method", "integrating", "electronic", "blur"), SAMPLE_EACH_CASES)
+def test_sample_each_does_not_depend_on_the_batch_and_matches_forward(device, method, integrating, electronic, blur):
+    """Image i is bit-identical alone or in any batch, and equals forward() with a generator seeded seeds[i]."""
+    generator = torch.Generator().manual_seed(5)
+    counts = (200 * torch.rand(5, 2, 3, 12, 14, generator=generator, dtype=torch.float64)).to(device)
+    counts[1, :, 0] = 0  # an empty group
+    energy = counts * torch.linspace(30, 70, 3, dtype=torch.float64, device=device).view(1, 1, 3, 1, 1)
+    energy = energy if integrating else None
+    photon_energy = torch.tensor([40.0, 50, 45, 60, 55], dtype=torch.float64, device=device)
+    seeds = [11, 12, 13, 14, 15]
+    noise = Noise(method, electronic_std_photons=electronic, blur_sigma_px=blur)
+    batch = noise.sample_each(counts, energy, seeds, photon_energy if integrating else None)
+    assert batch.shape == (5, 2, 12, 14)
+    for i in (0, 1, 4):
+        pick = [i]
+        alone = noise.sample_each(counts[pick], None if energy is None else energy[pick], [seeds[i]],
+                                  photon_energy[pick] if integrating else None)  # fmt: skip
+        assert torch.equal(alone[0], batch[i])
+        reference = noise(counts[pick], None if energy is None else energy[pick],
+                          generator=torch.Generator(device=device).manual_seed(seeds[i]),
+                          photon_energy_keV=photon_energy[i] if integrating else None)  # fmt: skip
+        torch.testing.assert_close(batch[i], reference[0], rtol=1e-12, atol=1e-9)
+    # Different seeds give different images (the draws really come from each image's own stream).
+    assert not torch.equal(batch[0], noise.sample_each(counts[:1], None if energy is None else energy[:1], [99],
+                                                       photon_energy[:1] if integrating else None)[0])  # fmt: skip
+
+
+def test_sample_each_needs_one_seed_per_image():
+    with pytest.raises(ValueError, match=r"one seed per image \(2\), got 1"):
+        Noise().sample_each(torch.ones(2, 1, 1, 4, 4), torch.ones(2, 1, 1, 4, 4), [3], torch.ones(2))

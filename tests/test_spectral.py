@@ -240,6 +240,58 @@ def test_nan_mass_thickness_gives_nan_in_its_ray_only(device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# One weight table per image: weights [S, Q, E]
+# ------------------------------------------------------------------------------------------------------------
+
+
+def weight_set_case(sets: int, rays_per_set: int, dtype=torch.float64):
+    """mass_thickness [S, R, 3] and weights [S, 2, BINS]: every set its own random spectrum, some bins zeroed."""
+    mass_thickness, attenuation, _ = random_case(3, 2, BINS, n_rays=sets * rays_per_set, seed=31, dtype=dtype)
+    generator = torch.Generator().manual_seed(32)
+    weights = 0.1 + torch.rand(sets, 2, BINS, generator=generator, dtype=torch.float64)
+    weights[1, :, BINS // 2 :] = 0  # e.g. a lower kVp for image 1
+    return mass_thickness.reshape(sets, rays_per_set, 3), attenuation, weights.to(dtype)
+
+
+# 256 rays per set: whole CUDA blocks per set (tables staged in shared memory); 37: blocks straddle two sets.
+@pytest.mark.parametrize("rays_per_set", [256, 37])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_sets_equal_one_call_per_set(device, rays_per_set, dtype) -> None:
+    """Bit for bit: a ray's result does not depend on which call or which batch it is in."""
+    mass_thickness, attenuation, weights = (x.to(device) for x in weight_set_case(4, rays_per_set, dtype))
+    starts = [0, 3, 7, BINS]
+    batched = log_weighted_transmission(mass_thickness, attenuation, weights, starts)
+    assert batched.shape == (4, rays_per_set, 2, 3)
+    for s in range(4):
+        alone = log_weighted_transmission(mass_thickness[s], attenuation, weights[s], starts)
+        torch.testing.assert_close(batched[s], alone, rtol=0, atol=0)
+    expected = log_weighted_transmission_reference(mass_thickness, attenuation, weights, starts)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(batched, expected, rtol=tolerance, atol=tolerance)
+    # The sets differ (image 1 has no weight above BINS // 2), so a kernel that used one table for all would fail.
+    assert not torch.equal(batched[1], log_weighted_transmission(mass_thickness[1], attenuation, weights[0], starts))
+
+
+def test_weight_sets_gradcheck(device) -> None:
+    mass_thickness, attenuation, weights = weight_set_case(3, 4)
+    weights = weights.clamp_min(0.05)  # finite differences need every weight inside the domain (>= 0)
+    leaves = (mass_thickness.to(device).requires_grad_(), weights.to(device).requires_grad_())
+    attenuation = attenuation.to(device)
+    assert gradcheck(
+        lambda a, w: log_weighted_transmission(a, attenuation, w, [1, 5, 9]), leaves, eps=1e-6, atol=1e-8, rtol=1e-6
+    )
+
+
+def test_weight_sets_opcheck(device) -> None:
+    mass_thickness, attenuation, weights = (x.to(device) for x in weight_set_case(3, 5))
+    forward = torch.ops.torchdrr.log_weighted_transmission_forward.default
+    args = (mass_thickness.reshape(15, 3).requires_grad_(), attenuation, weights.requires_grad_(), [0, 4, BINS])
+    torch.library.opcheck(forward, args)
+    with pytest.raises(ValueError, match=r"N rays in S equal runs, got N = 14 and S = 3"):
+        forward(mass_thickness.reshape(15, 3)[:14], attenuation, weights, [0, BINS])
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Gradients and the op as a torch custom op
 # ------------------------------------------------------------------------------------------------------------
 
@@ -338,7 +390,13 @@ BAD_INPUTS = [
     ("weights device", {"weights": _f64(2, 6).to("meta")}, ValueError, "weights must be on mass_thickness's device"),
     ("scalar thickness", {"mass_thickness": _f64()}, ValueError, r"mass_thickness must be \[\.\.\., M\]"),
     ("attenuation 1D", {"attenuation": _f64(6)}, ValueError, r"attenuation must be \[M, E\], got shape \(6,\)"),
-    ("weights 1D", {"weights": _f64(6)}, ValueError, r"weights must be \[Q, E\], got shape \(6,\)"),
+    ("weights 1D", {"weights": _f64(6)}, ValueError, r"weights must be \[Q, E\] or \[S, Q, E\], got shape \(6,\)"),
+    (
+        "weight sets disagree with the batch",
+        {"weights": _f64(3, 2, 6)},
+        ValueError,
+        r"weights \[S, Q, E\] need mass_thickness \[S, \.\.\., M\] with the same S: got weights \(3, 2, 6\)",
+    ),
     ("M disagrees", {"attenuation": _f64(3, 6)}, ValueError, r"must agree on M: got \(4, 2\) and \(3, 6\)"),
     ("E disagrees", {"weights": _f64(2, 5)}, ValueError, r"must agree on E: got \(2, 5\) and \(2, 6\)"),
     (

@@ -18,6 +18,7 @@ segmentation thresholds and the spectrum weights (``learn_spectrum=True``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from .geometry import Camera
 from .io import Volume, volume_center
 from .ops import log_weighted_transmission, raycast
+from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
 from .physics.materials import attenuation_table
@@ -674,14 +676,15 @@ class DRR(nn.Module):
         flat_log: Tensor,
         photons_behind_patient: Tensor,
         flat_mean_energy_keV: Tensor,
-        generators: list[torch.Generator] | None,
+        noise_seeds: Sequence[int] | None,
         output: str | None = None,
     ) -> Tensor:
         """``detect`` for B samples that each bring their own spectrum, dose and noise stream, vectorised.
 
-        Everything element-wise runs once for the batch; what reduces over pixels (exposure control) or draws random
-        numbers (noise, one generator per sample) runs per sample, so that a sample's image does not depend on the
-        other samples of the batch. Exposure is automatic (``photons_behind_patient``). No scatter module.
+        A sample's image does not depend on the other samples of the batch, bit for bit: the spectral op takes one
+        weight table per image, exposure control averages in fixed point, sums over sub-rays and groups run in a
+        fixed order (``physics.batch_invariant``), and only the noise draws run per sample, each from its own seed.
+        Exposure is automatic (``photons_behind_patient``). No scatter module.
 
         Args:
             integrals: ``[B, H * W * s * s, M]`` mass thicknesses (g/cm^2) from ``cast``.
@@ -690,7 +693,7 @@ class DRR(nn.Module):
             rows, flat_log: ``[B, Q, E]`` and ``[B, K]`` from ``sample_rows``, on the module's device.
             photons_behind_patient: ``[B]`` exposure targets.
             flat_mean_energy_keV: ``[B]`` from ``sample_rows`` (electronic noise in keV).
-            generators: one noise generator per sample, or None for expected values.
+            noise_seeds: one noise seed per sample, or None for expected values.
             output: "line_integral", "flat_field", "intensity" or "photons" (per the detector).
 
         Returns:
@@ -699,65 +702,51 @@ class DRR(nn.Module):
         if self.scatter is not None:
             raise ValueError("detect_samples does not run scatter modules: use detect per sample")
         output = self._check_output(output) if output is not None else self.output
-        noisy = generators is not None
+        noisy = noise_seeds is not None
         if noisy and self.noise is None:
-            raise ValueError("generators were given but the DRR has no noise model")
+            raise ValueError("noise_seeds were given but the DRR has no noise model")
         b, hw, s2 = integrals.shape[0], height * width, self.supersample**2
         k = self.detector.channels
         counting = self.detector.kind == "photon-counting"
         measure = 0 if counting else 1
         starts, groups = self._groups(noisy)
         mu = self.mass_attenuation.to(self.dtype)
-        rows = rows.to(self.dtype)
-        log_terms = torch.cat(
-            [log_weighted_transmission(integrals[i : i + 1], mu, rows[i], starts, check_values=False) for i in range(b)]
-        )  # [B, R, Q, G]: one op call per sample (its own spectrum)
+        # One op call for the batch, each image with its own weight table: [B, R, Q, G].
+        log_terms = log_weighted_transmission(integrals, mu, rows.to(self.dtype), starts, check_values=False)
         log_flat = flat_log.to(self.dtype).view(b, k, 1)
         if self.detector.falloff:
             falloff = torch.stack([falloff_factor(intrinsics[i], height, width, self.supersample) for i in range(b)])
             falloff = falloff.to(self.dtype)
             log_terms = log_terms + falloff.log().view(b, -1, 1, 1)
-            log_flat = log_flat + falloff.view(b, hw, s2).mean(2).log().view(b, 1, hw)
+            log_flat = log_flat + ordered_mean(falloff.view(b, hw, s2), 2).log().view(b, 1, hw)
 
-        # Exposure control per sample: the photons detected per unit N0, summed over groups element-wise, then
-        # averaged behind the body of that sample's image only.
+        # Exposure control per sample: the photons detected per unit N0 (count row, summed over groups and averaged
+        # over sub-rays), averaged behind the body of that sample's image only.
         with torch.no_grad():
-            counts_row = log_terms[..., 0, :]
-            detected = counts_row[..., 0].exp()
-            for g in range(1, counts_row.shape[-1]):
-                detected = detected + counts_row[..., g].exp()
-            detected = detected if s2 == 1 else detected.view(b, hw, s2).mean(2)
-            pixel_integrals = integrals if s2 == 1 else integrals.view(b, hw, s2, -1).mean(2)
-            body = pixel_integrals.sum(-1) >= BODY_MASS_THICKNESS  # element-wise over M <= 8 materials
-            mean_detected = []
-            for i in range(b):
-                n_body = body[i].sum()
-                behind = (detected[i] * body[i]).sum() / n_body.clamp_min(1)
-                mean_detected.append(torch.where(n_body > 0, behind, detected[i].mean()))
-            log_n0 = photons_behind_patient.to(self.dtype).log() - torch.stack(mean_detected).log()  # [B]
+            detected = ordered_sum(log_terms[..., 0, :].exp(), 2)  # [B, R]
+            detected = ordered_mean(detected.view(b, hw, s2), 2)
+            pixel_integrals = ordered_mean(integrals.view(b, hw, s2, -1), 2)
+            body = ordered_sum(pixel_integrals, 2) >= BODY_MASS_THICKNESS  # [B, HW]
+            mean_detected = fixed_point_mean(detected, body).to(self.dtype)
+            log_n0 = photons_behind_patient.to(self.dtype).log() - mean_detected.log()  # [B]
         log_flat = log_flat + log_n0.view(b, 1, 1)  # [B, K, 1 or HW]
 
         if not noisy:
-            log_meas = log_terms[..., measure, :]  # one group per channel without noise
-            log_meas = log_meas if s2 == 1 else torch.logsumexp(log_meas.view(b, hw, s2, k), 2) - math.log(s2)
+            log_meas = log_terms[..., measure, :].reshape(b, hw, s2, k)  # one group per channel without noise
+            if s2 > 1:  # log of the mean over sub-rays, summed in a fixed order
+                peak = log_meas.amax(2, keepdim=True)
+                log_meas = ordered_mean((log_meas - peak).exp(), 2).log() + peak.squeeze(2)
             log_signal = log_meas.reshape(b, hw, k).transpose(1, 2) + log_n0.view(b, 1, 1)
             line_integral = log_flat - log_signal
             signal = None
         else:
             expected = log_terms.add_(log_n0.view(b, 1, 1, 1)).exp_()  # [B, R, Q, G]
             q = expected.shape[-2]
-            expected = expected.view(b, hw, s2, q, k * groups)
-            expected = expected[:, :, 0] if s2 == 1 else expected.mean(2)
+            expected = ordered_mean(expected.view(b, hw, s2, q, k * groups), 2)  # [B, HW, Q, K G]
             expected = expected.permute(0, 2, 3, 1).reshape(b, q, k, groups, height, width)
-            draws = []
-            for i in range(b):
-                energy = None if counting else expected[i : i + 1, 1]
-                photon_energy = None if counting else flat_mean_energy_keV[i].to(self.dtype)
-                draws.append(
-                    self.noise(expected[i : i + 1, 0], energy, generator=generators[i], photon_energy_keV=photon_energy,
-                               validate=False)
-                )  # fmt: skip
-            signal = torch.cat(draws).reshape(b, k, hw)
+            energy = None if counting else expected[:, 1]
+            signal = self.noise.sample_each(expected[:, 0], energy, noise_seeds, flat_mean_energy_keV)
+            signal = signal.reshape(b, k, hw)
             floor = 0.5 if counting else 0.5 * flat_mean_energy_keV.to(self.dtype).view(b, 1, 1)
             line_integral = log_flat - signal.clamp_min(floor).log()
             log_signal = None

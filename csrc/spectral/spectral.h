@@ -16,7 +16,7 @@ namespace torchdrr {
 
 // Checks the forward's contract for direct callers of torch.ops.torchdrr.log_weighted_transmission_forward (the
 // Python wrapper validates user input with friendlier messages first): mass_thickness [N, M], attenuation [M, E],
-// weights [Q, E], float32/float64, one dtype and one device of type `device`, 1 <= M, Q <= 8, E >= 1, and
+// weights [Q, E] or [S, Q, E] with N divisible by S, float32/float64, one dtype and one device of type `device`, 1 <= M, Q <= 8, E >= 1, and
 // group_starts G + 1 >= 2 non-decreasing values in [0, E]. Weight values are not scanned here (that would need a
 // device sync on CUDA); the kernels ignore non-positive weights, so bad values cannot cause out-of-bounds reads.
 void check_spectral_inputs(const at::Tensor& mass_thickness, const at::Tensor& attenuation, const at::Tensor& weights,
@@ -25,6 +25,9 @@ void check_spectral_inputs(const at::Tensor& mass_thickness, const at::Tensor& a
 // Checks the backward's grad_output and output: both [N, Q, G] with mass_thickness's dtype and device.
 void check_spectral_grad(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& mass_thickness,
                          int64_t rows, int64_t groups);
+
+// Rays per weight table: N / S for [S, Q, E] weights (S = 1 for [Q, E]); at least 1, so that it can divide.
+int64_t rays_per_weight_set(const at::Tensor& mass_thickness, const at::Tensor& weights);
 
 // group_starts as an int64 tensor on `device`, for kernels that cannot read the host list.
 at::Tensor group_starts_tensor(c10::IntArrayRef group_starts, const c10::Device& device);

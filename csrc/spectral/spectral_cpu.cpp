@@ -13,19 +13,14 @@ namespace {
 // Rays per task: one ray costs about (2M + Q) E operations, tens to a few hundred per bin table.
 constexpr int64_t kRayGrain = 256;
 
-// Copies one ray's mass thicknesses into a fixed-size array (what the per-ray code reads).
-template <typename T>
-inline void load_ray(const T* mass_thickness, int64_t ray, int materials, T* a) {
-  for (int m = 0; m < kMaxMaterials; ++m) a[m] = m < materials ? mass_thickness[ray * materials + m] : T(0);
-}
-
 at::Tensor log_weighted_transmission_forward_cpu(const at::Tensor& mass_thickness_in, const at::Tensor& attenuation_in,
                                                  const at::Tensor& weights_in, c10::IntArrayRef group_starts) {
   check_spectral_inputs(mass_thickness_in, attenuation_in, weights_in, group_starts, c10::DeviceType::CPU);
   const at::Tensor mass_thickness = mass_thickness_in.contiguous();
   const at::Tensor attenuation = attenuation_in.contiguous(), weights = weights_in.contiguous();
   const int64_t n_rays = mass_thickness.size(0), bins = attenuation.size(1);
-  const int materials = static_cast<int>(attenuation.size(0)), rows = static_cast<int>(weights.size(0));
+  const int materials = static_cast<int>(attenuation.size(0)), rows = static_cast<int>(weights.size(-2));
+  const int64_t rays_per_set = rays_per_weight_set(mass_thickness, weights);
   const int64_t groups = static_cast<int64_t>(group_starts.size()) - 1;
   at::Tensor out = at::empty({n_rays, rows, groups}, mass_thickness.options());
   if (n_rays == 0) return out;
@@ -41,7 +36,8 @@ at::Tensor log_weighted_transmission_forward_cpu(const at::Tensor& mass_thicknes
         for (int64_t ray = begin; ray < end; ++ray) {
           scalar_t a[kMaxMaterials];
           load_ray(thickness, ray, materials, a);
-          spectral_ray_forward<scalar_t, kMaxQ>(a, materials, mu, w, rows, bins, starts, groups,
+          spectral_ray_forward<scalar_t, kMaxQ>(a, materials, mu,
+                                                weight_set_of(w, ray, rays_per_set, rows, bins), rows, bins, starts, groups,
                                                 result + ray * rows * groups);
         }
       });
@@ -56,12 +52,13 @@ at::Tensor log_weighted_transmission_backward_cpu(const at::Tensor& grad_output_
                                                   c10::IntArrayRef group_starts) {
   check_spectral_inputs(mass_thickness_in, attenuation_in, weights_in, group_starts, c10::DeviceType::CPU);
   const int64_t groups = static_cast<int64_t>(group_starts.size()) - 1;
-  check_spectral_grad(grad_output_in, output_in, mass_thickness_in, weights_in.size(0), groups);
+  check_spectral_grad(grad_output_in, output_in, mass_thickness_in, weights_in.size(-2), groups);
   const at::Tensor mass_thickness = mass_thickness_in.contiguous();
   const at::Tensor attenuation = attenuation_in.contiguous(), weights = weights_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous(), output = output_in.contiguous();
   const int64_t n_rays = mass_thickness.size(0), bins = attenuation.size(1);
-  const int materials = static_cast<int>(attenuation.size(0)), rows = static_cast<int>(weights.size(0));
+  const int materials = static_cast<int>(attenuation.size(0)), rows = static_cast<int>(weights.size(-2));
+  const int64_t rays_per_set = rays_per_weight_set(mass_thickness, weights);
   at::Tensor grad_mass_thickness = at::empty({n_rays, materials}, mass_thickness.options());
   if (n_rays == 0) return grad_mass_thickness;
   AT_DISPATCH_FLOATING_TYPES(mass_thickness.scalar_type(), "log_weighted_transmission_backward_cpu", [&] {
@@ -79,8 +76,9 @@ at::Tensor log_weighted_transmission_backward_cpu(const at::Tensor& grad_output_
           scalar_t a[kMaxMaterials];
           load_ray(thickness, ray, materials, a);
           const int64_t offset = ray * rows * groups;
-          spectral_ray_backward<scalar_t, kMaxQ>(a, materials, mu, w, rows, bins, starts, groups, out + offset,
-                                                 gout + offset, grad + ray * materials);
+          spectral_ray_backward<scalar_t, kMaxQ>(a, materials, mu, weight_set_of(w, ray, rays_per_set, rows, bins),
+                                                 rows, bins, starts, groups, out + offset, gout + offset,
+                                                 grad + ray * materials);
         }
       });
     });

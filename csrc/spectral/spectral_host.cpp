@@ -1,4 +1,5 @@
 // Host-side validation of the log-weighted-transmission ops (see spectral.h for why this is not in the .cu file).
+#include <algorithm>
 #include <vector>
 
 #include "spectral.h"
@@ -19,15 +20,21 @@ void check_spectral_inputs(const at::Tensor& mass_thickness, const at::Tensor& a
                     mass_thickness.sizes());
   TORCH_CHECK_VALUE(attenuation.dim() == 2, "log_weighted_transmission: attenuation must be [M, E], got shape ",
                     attenuation.sizes());
-  TORCH_CHECK_VALUE(weights.dim() == 2, "log_weighted_transmission: weights must be [Q, E], got shape ",
-                    weights.sizes());
-  const int64_t materials = attenuation.size(0), bins = attenuation.size(1), rows = weights.size(0);
+  TORCH_CHECK_VALUE(weights.dim() == 2 || weights.dim() == 3,
+                    "log_weighted_transmission: weights must be [Q, E] or [S, Q, E], got shape ", weights.sizes());
+  const int64_t materials = attenuation.size(0), bins = attenuation.size(1), rows = weights.size(-2);
   TORCH_CHECK_VALUE(mass_thickness.size(1) == materials,
                     "log_weighted_transmission: mass_thickness [N, M] and attenuation [M, E] disagree on M: ",
                     mass_thickness.sizes(), " and ", attenuation.sizes());
-  TORCH_CHECK_VALUE(weights.size(1) == bins,
-                    "log_weighted_transmission: weights [Q, E] and attenuation [M, E] disagree on E: ",
+  TORCH_CHECK_VALUE(weights.size(-1) == bins,
+                    "log_weighted_transmission: weights [..., Q, E] and attenuation [M, E] disagree on E: ",
                     weights.sizes(), " and ", attenuation.sizes());
+  if (weights.dim() == 3) {
+    const int64_t sets = weights.size(0);
+    TORCH_CHECK_VALUE(sets >= 1 && mass_thickness.size(0) % sets == 0,
+                      "log_weighted_transmission: weights [S, Q, E] need N rays in S equal runs, got N = ",
+                      mass_thickness.size(0), " and S = ", sets);
+  }
   TORCH_CHECK_VALUE(materials >= 1 && materials <= kMaxMaterials, "log_weighted_transmission: M must be in [1, ",
                     kMaxMaterials, "], got ", materials);
   TORCH_CHECK_VALUE(rows >= 1 && rows <= kMaxWeightRows, "log_weighted_transmission: Q must be in [1, ",
@@ -60,6 +67,11 @@ void check_spectral_grad(const at::Tensor& grad_output, const at::Tensor& output
                       ", ", rows, ", ", groups, "] with mass_thickness's dtype and device, got ", grad_output.sizes(),
                       " and ", output.sizes());
   }
+}
+
+int64_t rays_per_weight_set(const at::Tensor& mass_thickness, const at::Tensor& weights) {
+  const int64_t sets = weights.dim() == 3 ? weights.size(0) : 1;
+  return std::max<int64_t>(mass_thickness.size(0) / sets, 1);
 }
 
 at::Tensor group_starts_tensor(c10::IntArrayRef group_starts, const c10::Device& device) {

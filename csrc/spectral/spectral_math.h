@@ -2,7 +2,8 @@
 // two cannot drift apart; the kernels only decide how rays are spread over threads and where the tables live).
 //
 // For one ray with mass thicknesses a[m] (g/cm^2), a mass-attenuation table mu[m, e] (cm^2/g, [M, E] row-major)
-// and weights w[q, e] >= 0 ([Q, E] row-major):
+// and weights w[q, e] >= 0 ([Q, E] row-major; the ops accept [S, Q, E], one table per run of rays, and pass each ray
+// its own table):
 //   L[e]      = -sum_m mu[m, e] a[m]                                  (log-transmission in energy bin e)
 //   out[q, g] = log(sum_{e in g} w[q, e] exp(L[e]))                   (group g = bins [starts[g], starts[g+1]))
 //   d out[q, g] / d a[m] = -sum_{e in g} w[q, e] exp(L[e] - out[q, g]) mu[m, e]
@@ -44,6 +45,20 @@ TDRR_HD T log_transmission_at(const T* a, int materials, const T* __restrict__ m
     if (m < materials) l -= mu[m * bins + e] * a[m];
   }
   return l;
+}
+
+// Copies one ray's mass thicknesses into a fixed-size array (what the per-ray code reads); unused entries are 0.
+template <typename T>
+TDRR_HD void load_ray(const T* __restrict__ mass_thickness, int64_t ray, int materials, T* a) {
+#pragma unroll
+  for (int m = 0; m < kMaxMaterials; ++m) a[m] = m < materials ? mass_thickness[ray * materials + m] : T(0);
+}
+
+// The weight table of one ray: weights are [S, Q, E] (S = 1 for a [Q, E] table); rays are in S consecutive runs of
+// rays_per_set, run s using table s (e.g. one spectrum per image of a batch).
+template <typename T>
+TDRR_HD const T* weight_set_of(const T* weights, int64_t ray, int64_t rays_per_set, int rows, int64_t bins) {
+  return weights + (ray / rays_per_set) * rows * bins;
 }
 
 // Forward of one ray: out[q * groups + g] for q < rows, g < groups. MaxQ >= rows is the register bound.

@@ -246,11 +246,13 @@ class DRRDataset(torch.utils.data.Dataset):
         return self.render_prepared(self.prepare_batch(indices), stack=stack)
 
     def prepare_batch(self, indices: Sequence[int] | Tensor) -> dict:
-        """The host half of ``render_batch``: every sample's parameters, geometry and spectrum, in CPU tensors.
+        """The host half of ``render_batch``: every sample's parameters, geometry, landmarks and spectrum, in CPU
+        tensors (everything of the batch but the images).
 
         Cheap to pickle, so DataLoader workers can prepare batches in parallel while the main process renders on
-        the GPU (``DRRDataModule(render_on="cuda")`` does this). Returns ``{"prepared": True, "params": [...],
-        "groups": [{"ct_index", "noisy", "members", "packed" [b, 33 + K + Q * E] float64}], "K", "R", "t"}``.
+        the GPU (``DRRDataModule(render_on="cuda")`` does this). Returns ``{"prepared": True, "params": [plain dict
+        per sample], "geometry": {stacked tensors: translation_mm, K, R, t, P, landmarks}, "groups": [{"ct_index",
+        "members", "seeds" (noise seeds, or None), "packed" [b, 33 + K + Q * E] float64}]}``.
         """
         if isinstance(indices, Tensor):
             indices = indices.reshape(-1).tolist()
@@ -266,30 +268,31 @@ class DRRDataset(torch.utils.data.Dataset):
                 host = [self._host_values(params[j], drr) for j in members]
                 for j, h in zip(members, host, strict=True):
                     geometry[j] = h
-                packed = torch.stack([h["packed"] for h in host])
-                groups.append({"ct_index": ct_index, "noisy": noisy, "members": members, "packed": packed})
+                groups.append({
+                    "ct_index": ct_index,
+                    "members": members,
+                    "seeds": [params[j].noise_seed for j in members] if noisy else None,
+                    "packed": torch.stack([h["packed"] for h in host]),
+                })  # fmt: skip
+        # Plain dicts and tensors, not dataclasses: Lightning's batch transfer rebuilds containers and cannot set the
+        # fields of a frozen dataclass.
         return {
             "prepared": True,
-            # Plain dicts, not dataclasses: Lightning's batch transfer rebuilds containers and cannot set the fields
-            # of a frozen dataclass.
             "params": [p.as_dict() for p in params],
+            "geometry": _stack([self._geometry(p, g) for p, g in zip(params, geometry, strict=True)]),
             "groups": groups,
-            "K": torch.stack([g["K"] for g in geometry]),
-            "R": torch.stack([g["R"] for g in geometry]),
-            "t": torch.stack([g["t"] for g in geometry]),
         }
 
     def render_prepared(self, prepared: dict, stack: bool = True) -> dict | list[dict]:
         """The device half of ``render_batch``: rays, one ray cast per CT and the physics, on ``self.device``.
 
         On a GPU the host values travel in one pinned copy per group and nothing waits for the device, so the CPU
-        queues work while the GPU renders."""
-        params = [
-            SampleParameters(**{**p, "translation_mm": tuple(float(v) for v in p["translation_mm"])})
-            for p in prepared["params"]
-        ]
-        images: list[Tensor | None] = [None] * len(params)
-        for group in prepared["groups"]:
+        queues work while the GPU renders. The images are ``[B, K, H, W]`` float32 on ``self.device``; the other
+        fields come from ``prepared`` (on whatever device they are)."""
+        groups = prepared["groups"]
+        count = sum(len(group["members"]) for group in groups)
+        images = None
+        for group in groups:
             drr = self.drr(group["ct_index"])
             members, packed = group["members"], group["packed"]
             if self.device.type == "cuda" and packed.device.type == "cpu":
@@ -303,21 +306,24 @@ class DRRDataset(torch.utils.data.Dataset):
             flat_log = packed[:, 33 : 33 + channels]
             rows = packed[:, 33 + channels :].reshape(len(members), -1, self._grid_bins)
             sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
-            generators = None
-            if group["noisy"]:
-                generators = [torch.Generator(device=self.device).manual_seed(params[j].noise_seed) for j in members]
             with torch.no_grad():
                 integrals = drr.cast(sources, targets)  # one op call for the whole group
                 rendered = drr.detect_samples(
-                    integrals, intrinsics, self.height, self.width, rows, flat_log, target, mean_energy, generators
-                )
-            for slot, j in enumerate(members):
-                images[j] = rendered[slot]
-        geometry = {key: prepared[key].cpu() for key in ("K", "R", "t")}
-        items = [self._item(p, {key: geometry[key][j] for key in geometry}, images[j]) for j, p in enumerate(params)]
-        if not stack:
-            return items
-        return _stack(items)
+                    integrals, intrinsics, self.height, self.width, rows, flat_log, target, mean_energy, group["seeds"]
+                ).to(torch.float32)
+            if len(groups) == 1:  # the common case: every sample in one group, in order
+                images = rendered
+                break
+            if images is None:
+                images = rendered.new_empty((count, *rendered.shape[1:]))
+            images[torch.tensor(members, device=self.device)] = rendered
+        params, geometry = prepared["params"], prepared["geometry"]
+        if stack:
+            return {**_stack(params), **geometry, "image": images}
+        items = []
+        for j, p in enumerate(params):
+            items.append({**p, **{key: value[j] for key, value in geometry.items()}, "image": images[j]})
+        return items
 
     def _host_values(self, params: SampleParameters, drr: DRR) -> dict:
         """A sample's geometry and physics, computed on the host in float64 (per sample, so batch-independent)."""
@@ -373,10 +379,9 @@ class DRRDataset(torch.utils.data.Dataset):
             self._grids[key] = (cols.reshape(-1).to(self.device), rows.reshape(-1).to(self.device))
         return self._grids[key]
 
-    def _item(self, params: SampleParameters, host: dict, image: Tensor) -> dict:
-        item = params.as_dict()
-        item["translation_mm"] = torch.tensor(params.translation_mm, dtype=torch.float64)
-        item["image"] = image.to(torch.float32)
+    def _geometry(self, params: SampleParameters, host: dict) -> dict:
+        """A sample's tensor fields but its image: translation, K, R, t, P and the landmarks' projections."""
+        item = {"translation_mm": torch.tensor(params.translation_mm, dtype=torch.float64)}
         item["K"], item["R"], item["t"] = host["K"], host["R"], host["t"]
         item["P"] = host["K"] @ torch.cat([host["R"], host["t"][:, None]], dim=1)
         if self.landmarks is not None:

@@ -550,19 +550,39 @@ def _generate(
         # Encoding and writing (PNG compression, checksums) run in threads while the next batch renders; at most
         # a few batches wait, which bounds memory. Each write is atomic, so an interrupted run leaves whole files.
         pending: collections.deque = collections.deque()
+        cuda = dataset.device.type == "cuda"
+
+        def submit(batch: dict, host_images: torch.Tensor, copied: torch.cuda.Event | None) -> None:
+            if copied is not None:
+                copied.synchronize()  # this batch's images are on the host; the GPU goes on with the next one
+            items = [{**p, **{key: value[j] for key, value in batch["geometry"].items()}, "image": host_images[j]}
+                     for j, p in enumerate(batch["params"])]  # fmt: skip
+            pending.extend(pool.submit(writer.write, item) for item in items)
+            while len(pending) > 4 * batch_size:
+                pending.popleft().result()
+            bar.update(len(items))
+
         try:
             with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+                previous = None
                 for prepared in _prepared_batches(dataset, todo, batch_size):
-                    items = dataset.render_prepared(prepared, stack=False)
-                    # One device-to-host copy per batch, here: a copy per image in the writer threads would make
-                    # each of them wait for the GPU and stall the next batch's rendering.
-                    images = torch.stack([item["image"] for item in items]).cpu()
-                    for item, image in zip(items, images, strict=True):
-                        item["image"] = image
-                    pending.extend(pool.submit(writer.write, item) for item in items)
-                    while len(pending) > 4 * batch_size:
-                        pending.popleft().result()
-                    bar.update(len(items))
+                    images = dataset.render_prepared(prepared)["image"]
+                    # One device-to-host copy per batch, started now and awaited only after the next batch is
+                    # queued, so the GPU never waits for the writers (nor the writers for the GPU, per image).
+                    copied = None
+                    if cuda:
+                        host_images = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+                        host_images.copy_(images, non_blocking=True)
+                        copied = torch.cuda.Event()
+                        copied.record()
+                    else:
+                        host_images = images
+                    if previous is not None:
+                        submit(*previous)
+                    batch = {"params": prepared["params"], "geometry": prepared["geometry"]}
+                    previous = (batch, host_images, copied)
+                if previous is not None:
+                    submit(*previous)
                 while pending:
                     pending.popleft().result()
         finally:

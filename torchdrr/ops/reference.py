@@ -324,7 +324,7 @@ def log_weighted_transmission_reference(
     Args:
         mass_thickness: ``[..., M]`` g/cm^2, float32 or float64.
         attenuation: ``[M, E]`` cm^2/g, same dtype.
-        weights: ``[Q, E]`` >= 0, same dtype.
+        weights: ``[Q, E]`` >= 0, same dtype; or ``[S, Q, E]``, table ``s`` for ``mass_thickness[s]``.
         group_starts: ``G + 1`` non-decreasing bin indices in ``[0, E]`` (list/tuple of ints or 1-D integer tensor).
 
     Returns:
@@ -341,7 +341,9 @@ def log_weighted_transmission_reference(
     starts = [int(s) for s in (group_starts.tolist() if isinstance(group_starts, Tensor) else group_starts)]
     log_transmission = -(mass_thickness.unsqueeze(-1) * attenuation).sum(-2)  # [..., E]
     batch_shape = mass_thickness.shape[:-1]
-    rows = weights.shape[0]
+    rows = weights.shape[-2]
+    if weights.dim() == 3:  # [S, Q, E] -> [S, 1, ..., 1, Q, E], broadcast against [S, ..., Q, E_g]
+        weights = weights.reshape(weights.shape[0], *([1] * (mass_thickness.dim() - 2)), rows, weights.shape[-1])
     groups = []
     for begin, end in zip(starts[:-1], starts[1:], strict=True):
         if begin == end:
@@ -350,7 +352,7 @@ def log_weighted_transmission_reference(
         part = log_transmission[..., begin:end]  # [..., E_g]
         shift = part.detach().amax(-1, keepdim=True)  # [..., 1]
         shift = torch.where(shift == -math.inf, torch.zeros_like(shift), shift)  # a fully opaque group: sum 0
-        total = (weights[:, begin:end] * torch.exp(part - shift).unsqueeze(-2)).sum(-1)  # [..., Q]
+        total = (weights[..., begin:end] * torch.exp(part - shift).unsqueeze(-2)).sum(-1)  # [..., Q]
         empty = total == 0
         # The double where keeps log(0) out of the graph, so zero-weight groups get gradient 0, not NaN.
         groups.append(torch.where(empty, -math.inf, shift + torch.log(torch.where(empty, 1.0, total))))

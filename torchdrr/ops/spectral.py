@@ -32,7 +32,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 @torch.library.register_fake("torchdrr::log_weighted_transmission_forward")
 def _forward_fake(mass_thickness, attenuation, weights, group_starts):
-    return mass_thickness.new_empty((mass_thickness.shape[0], weights.shape[0], len(group_starts) - 1))
+    return mass_thickness.new_empty((mass_thickness.shape[0], weights.shape[-2], len(group_starts) - 1))
 
 
 @torch.library.register_fake("torchdrr::log_weighted_transmission_backward")
@@ -47,14 +47,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _weights_gradient(
-    grad_output: Tensor, output: Tensor, mass_thickness: Tensor, attenuation: Tensor, group_starts: list[int]
+    grad_output: Tensor,
+    output: Tensor,
+    mass_thickness: Tensor,
+    attenuation: Tensor,
+    group_starts: list[int],
+    sets: int,
 ) -> Tensor:
-    """dLoss/dweights [Q, E]: sum_n grad_output[n, q, g(e)] exp(L[n, e] - output[n, q, g(e)]).
+    """dLoss/dweights [Q, E] (or [S, Q, E]): sum_n grad_output[n, q, g(e)] exp(L[n, e] - output[n, q, g(e)]), the
+    sum over all rays (or over each of the S runs of rays of a weight set).
 
     Terms whose output is -inf (no transmitted weight in the group) and bins outside every group contribute 0.
     """
     rows, bins = output.shape[1], attenuation.shape[1]
-    grad = output.new_zeros((rows, bins))
+    grad = output.new_zeros((sets, rows, bins))
     bin_list = [e for g in range(len(group_starts) - 1) for e in range(group_starts[g], group_starts[g + 1])]
     if not bin_list:
         return grad
@@ -69,7 +75,7 @@ def _weights_gradient(
     live = out != -math.inf  # NaN stays live, so that NaN in gives NaN out
     exponent = torch.where(live, log_transmission.unsqueeze(1) - out, 0.0)
     terms = torch.where(live, grad_output.index_select(2, group_of_bin) * torch.exp(exponent), 0.0)
-    return grad.index_copy(1, covered, terms.sum(0))
+    return grad.index_copy(2, covered, terms.unflatten(0, (sets, -1)).sum(1))
 
 
 def _backward(ctx, grad_output):
@@ -81,7 +87,9 @@ def _backward(ctx, grad_output):
             grad_output, output, mass_thickness, attenuation, weights, ctx.group_starts
         )
     if ctx.needs_input_grad[2]:
-        grad_weights = _weights_gradient(grad_output, output, mass_thickness, attenuation, ctx.group_starts)
+        sets = weights.shape[0] if weights.dim() == 3 else 1
+        grad_weights = _weights_gradient(grad_output, output, mass_thickness, attenuation, ctx.group_starts, sets)
+        grad_weights = grad_weights.reshape(weights.shape)
     return grad_mass_thickness, None, grad_weights, None
 
 
@@ -135,6 +143,8 @@ def log_weighted_transmission(
 
         out[n, q, g] = log(sum_{e in group g} weights[q, e] * exp(L[n, e]))
 
+    (with ``[S, Q, E]`` weights, ray ``n`` of ``mass_thickness[s]`` uses ``weights[s]``).
+
     Group ``g`` is the bins ``[group_starts[g], group_starts[g + 1])``; bins outside
     ``[group_starts[0], group_starts[G])`` are ignored. The sum is computed shifted by its largest weighted term, so
     the result stays accurate where ``exp(L)`` underflows (``attenuation * mass_thickness`` of 1e4 gives about
@@ -148,7 +158,8 @@ def log_weighted_transmission(
             Receives no gradient (tabulated data).
         weights: ``[Q, E]`` non-negative finite weights per energy bin, same dtype and device (e.g. photon fluence
             times detector efficiency, or that times the bin energy for an energy-integrating detector).
-            ``Q <= 8``.
+            ``Q <= 8``. Or ``[S, Q, E]``: one table per index of ``mass_thickness``'s first dimension (which must be
+            S), e.g. each image of a batch with its own spectrum, in one call.
         group_starts: ``G + 1`` non-decreasing bin indices in ``[0, E]``, ``G >= 1``: a list/tuple of ints or a 1-D
             integer tensor on any device (read to the host; under ``torch.compile`` pass a list).
         check_values: scan ``attenuation`` and ``weights`` for NaN, Inf and negative weights (one reduction and one
@@ -178,18 +189,23 @@ def log_weighted_transmission(
         raise ValueError(f"mass_thickness must be [..., M], got shape {tuple(mass_thickness.shape)}")
     if attenuation.dim() != 2:
         raise ValueError(f"attenuation must be [M, E], got shape {tuple(attenuation.shape)}")
-    if weights.dim() != 2:
-        raise ValueError(f"weights must be [Q, E], got shape {tuple(weights.shape)}")
+    if weights.dim() not in (2, 3):
+        raise ValueError(f"weights must be [Q, E] or [S, Q, E], got shape {tuple(weights.shape)}")
+    if weights.dim() == 3 and (mass_thickness.dim() < 2 or mass_thickness.shape[0] != weights.shape[0]):
+        raise ValueError(
+            f"weights [S, Q, E] need mass_thickness [S, ..., M] with the same S: got weights {tuple(weights.shape)} "
+            f"and mass_thickness {tuple(mass_thickness.shape)}"
+        )
     materials, bins = attenuation.shape
-    rows = weights.shape[0]
+    rows = weights.shape[-2]
     if mass_thickness.shape[-1] != materials:
         raise ValueError(
             f"mass_thickness [..., M] and attenuation [M, E] must agree on M: got {tuple(mass_thickness.shape)} "
             f"and {tuple(attenuation.shape)}"
         )
-    if weights.shape[1] != bins:
+    if weights.shape[-1] != bins:
         raise ValueError(
-            f"weights [Q, E] and attenuation [M, E] must agree on E: got {tuple(weights.shape)} "
+            f"weights [..., Q, E] and attenuation [M, E] must agree on E: got {tuple(weights.shape)} "
             f"and {tuple(attenuation.shape)}"
         )
     if not 1 <= materials <= MAX_MATERIALS:

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .batch_invariant import ordered_sum
 
 __all__ = ["NOISE_METHODS", "NOISE_PRESETS", "Noise", "NoisePreset"]
 
@@ -277,6 +280,73 @@ class Noise(nn.Module):
             signal = _sample_poisson(counts, energy, self.method, generator)
             return self._finish(signal, electronic_std, generator)
 
+    def sample_each(
+        self, counts: Tensor, energy: Tensor | None, seeds: Sequence[int], photon_energy_keV: Tensor | None = None
+    ) -> Tensor:
+        """Noisy images of B independent samples, image ``i`` drawn from a generator seeded with ``seeds[i]``.
+
+        Image ``i`` comes out bit-identical whatever the other images of the batch (training data must not depend
+        on how samples were batched): only the random draws run per image (a quantum draw, then the electronic
+        draw, from that image's own stream); the arithmetic runs once for the batch, with sums in a fixed order
+        (``batch_invariant``). The values match ``forward`` on that image alone with
+        ``torch.Generator(device).manual_seed(seeds[i])`` up to the order of the sum over groups (float rounding).
+        Inputs are not validated (the ``DRR`` module's are valid by construction).
+
+        Args:
+            counts, energy: ``[B, K, G, H, W]`` as in ``forward``.
+            seeds: B integer seeds.
+            photon_energy_keV: ``[B]`` mean detected photon energy of each image's flat field (keV); needed for
+                electronic noise on an energy-integrating detector.
+
+        Returns:
+            ``[B, K, H, W]`` noisy signal.
+        """
+        b = counts.shape[0]
+        if len(seeds) != b:
+            raise ValueError(f"seeds must hold one seed per image ({b}), got {len(seeds)}")
+        if self.blur_sigma_px > 0:
+            _check_blur_size(self.blur_sigma_px, counts.shape[-2:])
+        compound = energy is not None and self.method != "fast"
+        gaussian = self.method == "gaussian"
+        electronic = self.electronic_std_photons > 0
+        if energy is not None and electronic and photon_energy_keV is None:
+            raise ValueError("photon_energy_keV [B] is required for electronic noise on an energy-integrating detector")
+        total = None if (compound and not gaussian) else ordered_sum(counts, 2)  # [B, K, H, W]
+        draw_like = counts if (compound and not gaussian) else total
+        quantum = torch.empty_like(draw_like)
+        eps = torch.empty(counts.shape[:2] + counts.shape[3:], dtype=counts.dtype, device=counts.device)
+        generator = torch.Generator(device=counts.device)
+        with torch.no_grad():
+            for i, seed in enumerate(seeds):  # the only per-image work: the draws, in forward's order
+                generator.manual_seed(int(seed))
+                if gaussian:
+                    quantum[i].normal_(generator=generator)
+                else:
+                    quantum[i] = torch.poisson(draw_like[i], generator=generator)
+                if electronic:
+                    eps[i].normal_(generator=generator)
+        if gaussian:
+            mean = total if energy is None else ordered_sum(_masked_energy(counts, energy), 2)
+            var = total if energy is None else ordered_sum(_safe_divide(energy**2, counts), 2)
+            positive = var > 0
+            std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0.0)
+            signal = mean + std * quantum
+        elif energy is None:
+            signal = quantum
+        elif compound:
+            mean_energy = torch.div(energy, counts).masked_fill_(counts <= 0, 0.0)
+            signal = ordered_sum(quantum.mul_(mean_energy), 2)
+        else:  # fast: one draw of the total count times the mean energy
+            signal = quantum.mul_(_safe_divide(ordered_sum(_masked_energy(counts, energy), 2), total))
+        if self.blur_sigma_px > 0:
+            signal = _blur(signal, self.blur_sigma_px)
+        if electronic:
+            std = self.electronic_std_photons
+            if energy is not None:
+                std = photon_energy_keV.to(counts.dtype).view(b, 1, 1, 1) * std
+            signal = signal + std * eps
+        return signal
+
     def _finish(
         self, signal: Tensor, electronic_std: Tensor | float | None, generator: torch.Generator | None
     ) -> Tensor:
@@ -354,28 +424,34 @@ def _check_blur_size(sigma: float, hw: torch.Size) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _blur_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The normalised 1-D Gaussian (kornia's, size 2 ceil(3 sigma) + 1) as a conv weight, cached on the device."""
+def _blur_taps(sigma: float) -> tuple[float, ...]:
+    """The normalised 1-D Gaussian (kornia's, size 2 ceil(3 sigma) + 1) as Python floats."""
     try:
         from kornia.filters import get_gaussian_kernel1d
     except ImportError as exc:  # kornia is optional: only the detector blur needs it
         raise ImportError("Noise(blur_sigma_px > 0) needs kornia: pip install kornia") from exc
     size = 2 * _blur_radius(sigma) + 1
-    return get_gaussian_kernel1d(size, sigma, dtype=torch.float64).reshape(-1).to(device=device, dtype=dtype)
+    return tuple(get_gaussian_kernel1d(size, sigma, dtype=torch.float64).reshape(-1).tolist())
 
 
 def _blur(image: Tensor, sigma: float) -> Tensor:
     """Gaussian blur of each [H, W] image of a [B, K, H, W] tensor (kernel 2 ceil(3 sigma) + 1, reflected borders).
 
     Equal to ``kornia.filters.gaussian_blur2d(image, (size, size), (sigma, sigma), border_type="reflect")`` (tested),
-    as two 1-D convolutions with the kernel cached on the device. Why not call kornia's function: it rebuilds the
-    kernel from a host tensor on every call, which cost 1.5 ms per 1240 x 960 image on an H100 (about a quarter of
-    a whole render); the cached separable convolution takes a few tens of microseconds.
+    computed as two 1-D passes of shifted, weighted copies added in a fixed order. Why not a convolution: the
+    algorithm a GPU convolution picks (and so its rounding) may change with the batch size, and an image must not
+    depend on its batch (see ``batch_invariant``); the detector's blur is a few pixels wide, so the passes are cheap.
+    Why not kornia's function: it rebuilds the kernel from a host tensor on every call (1.5 ms per 1240 x 960 image
+    on an H100, about a quarter of a whole render).
     """
-    kernel = _blur_kernel(float(sigma), image.dtype, image.device)
-    radius = kernel.numel() // 2
+    taps = _blur_taps(float(sigma))
+    radius = len(taps) // 2
     b, k, h, w = image.shape
     x = torch.nn.functional.pad(image.reshape(b * k, 1, h, w), (radius, radius, radius, radius), mode="reflect")
-    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x.reshape(b, k, h, w)
+    rows = x[..., 0:w] * taps[0]  # along each row: [B K, 1, H + 2r, W]
+    for j in range(1, len(taps)):
+        rows.add_(x[..., j : j + w], alpha=taps[j])
+    out = rows[..., 0:h, :] * taps[0]  # then along each column: [B K, 1, H, W]
+    for j in range(1, len(taps)):
+        out.add_(rows[..., j : j + h, :], alpha=taps[j])
+    return out.reshape(b, k, h, w)
