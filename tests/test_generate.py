@@ -192,6 +192,36 @@ def test_a_killed_run_resumes_to_the_same_files(tmp_path):
     _check_manifest(killed)
 
 
+@pytest.mark.parametrize("image_format", ["png16", "hdf5"])
+def test_a_resume_renders_again_what_no_longer_verifies(tmp_path, dataset, monkeypatch, image_format):
+    """An interrupted run's damaged image (or hdf5 chunk) is found by its checksum and rendered again."""
+    import torchdrr.data.generate as generate
+
+    stopped = tmp_path / "stopped"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed after rendering, before the dataset was finished
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate, "_finish", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            generate_dataset(stopped, dataset, image_format=image_format, batch_size=2, progress=False)
+    parts = sorted((stopped / ".parts").glob("batch-*.json"))
+    assert len(parts) == 3  # batches of 2, 2 and 1 samples
+    if image_format == "png16":
+        damaged = stopped / "images" / "000003.png"
+    else:
+        damaged = next((stopped / ".parts").glob("chunk-000004-*.npy"))
+    damaged.write_bytes(damaged.read_bytes()[:-7] + b"garbage")
+    summary = generate_dataset(stopped, dataset, image_format=image_format, batch_size=2, progress=False)
+    assert summary["rendered"] == (2 if image_format == "png16" else 1)  # the damaged sample's batch only
+    generate_dataset(tmp_path / "whole", dataset, image_format=image_format, batch_size=4, progress=False)
+    resumed, whole = _files(stopped), _files(tmp_path / "whole")
+    assert sorted(resumed) == sorted(whole)
+    for name in whole:
+        assert resumed[name] == whole[name], name
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------------

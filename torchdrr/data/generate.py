@@ -17,12 +17,13 @@ png16 mapping (the same for every image, recorded in ``config.json``): ``level =
 and back ``value = level / scale``, with ``scale`` 4096 for line integrals (0-16 in steps of 1/4096) and 32768 for
 flat fields (I/I0 in 0-2). Intensities (keV per pixel) have no fixed range: write them as ``tiff`` or ``hdf5``.
 
-Every file is written under a temporary name in its folder and renamed into place. While rendering, each sample's
-metadata (with the checksum of its image) is a small JSON file in ``OUT_DIR/.parts/``; a rerun with the same config
-skips the samples whose image and part verify, so a killed run loses at most its batch in flight. Under
-``torch.distributed`` (initialised here from torchrun's environment variables when needed) rank ``r`` of ``W`` renders
-the samples ``r, r + W, ...``; rank 0 then merges the parts and writes the manifest. The files do not depend on the
-number of ranks or the batch size.
+Every file is written under a temporary name in its folder and renamed into place. While rendering, each written
+batch leaves a small JSON part in ``OUT_DIR/.parts/`` listing its samples' metadata and the checksums of their image
+files (for hdf5, of the batch's ``.npy`` chunk). A rerun with the same config first deletes the parts whose files no
+longer verify, then skips the samples the remaining parts list, so a killed run loses at most its batches in flight.
+Under ``torch.distributed`` (initialised here from torchrun's environment variables when needed) rank ``r`` of ``W``
+renders the samples ``r, r + W, ...``; rank 0 then merges the parts and writes the manifest. The files do not depend
+on the number of ranks or the batch size.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 
 from torchdrr.io import Volume
-from torchdrr.io.writers import atomic_write, save_png, save_tiff
+from torchdrr.io.writers import atomic_write, encode_png, encode_tiff
 
 from .dataset import DRRDataset
 
@@ -56,7 +59,7 @@ FORMATS = ("png16", "tiff", "hdf5")
 PNG16_SCALES = {"line_integral": 4096.0, "flat_field": 32768.0}
 LAYOUT_VERSION = 1
 _PNG16_MAX = 65535
-_SUFFIX = {"png16": ".png", "tiff": ".tiff", "hdf5": ".npy"}
+_SUFFIX = {"png16": ".png", "tiff": ".tiff"}
 
 
 class DatasetError(ValueError):
@@ -66,8 +69,9 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------------
-#: Threads that encode and write images while the GPU renders the next batch.
-_WRITE_THREADS = min(8, os.cpu_count() or 1)
+#: Threads that encode and write images while the GPU renders the next batch (PNG encoding and hashing release the
+#: GIL; a 256 x 256 16-bit PNG takes about 4 ms on one core, so writing needs several cores to keep up with a GPU).
+_WRITE_THREADS = max(1, min(16, (os.cpu_count() or 2) - 2))
 #: Worker processes that prepare batches (parameters, geometry, spectra) while the GPU renders.
 _PREPARE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
@@ -235,22 +239,20 @@ def _name_width(count: int) -> int:
     return max(6, len(str(max(count - 1, 0))))
 
 
-def _record(item: dict) -> dict:
-    record: dict[str, Any] = {"index": int(item["index"])}
-    for key, value in item.items():
-        if key in ("image", "index"):
-            continue
-        record[key] = value.detach().cpu().tolist() if isinstance(value, torch.Tensor) else _plain(value)
-    return record
-
-
-def _png16_levels(image: torch.Tensor, scale: float) -> np.ndarray:
-    values = image.detach().cpu().to(torch.float64).numpy() * scale
+def _png16_levels(image: np.ndarray, scale: float) -> np.ndarray:
+    values = image.astype(np.float64) * scale
     return np.round(np.clip(np.nan_to_num(values, nan=0.0), 0, _PNG16_MAX)).astype(np.uint16)
 
 
 class _Writer:
-    """Writes one sample's image and part file, and checks whether a sample is already done."""
+    """Writes batches of samples and reads back what earlier runs wrote.
+
+    A part file ``.parts/batch-<first index>-<unique>.json`` lists the samples of one written batch: each sample's
+    metadata record, its image file (png16/tiff: ``images/<index>.<suffix>``; hdf5: a chunk
+    ``.parts/chunk-<first index>-<unique>.npy`` holding the batch's float32 images, one row per sample) and the
+    sha256 and size of that file. A part is written after the files it lists, so a part on disk lists whole files;
+    ``_setup`` deletes the parts whose files no longer verify (``verify_parts``).
+    """
 
     def __init__(self, out: Path, config: dict, count: int) -> None:
         self.out = out
@@ -264,48 +266,89 @@ class _Writer:
     def name(self, index: int) -> str:
         return f"{index:0{self.width}d}"
 
-    def image_path(self, index: int) -> Path:
-        if self.format == "hdf5":
-            return self.parts / f"{self.name(index)}.npy"
-        return self.images / f"{self.name(index)}{_SUFFIX[self.format]}"
-
-    def part_path(self, index: int) -> Path:
-        return self.parts / f"{self.name(index)}.json"
-
     def shard_name(self, shard: int) -> str:
         return f"shard_{shard:03d}.h5"
 
-    def done(self, index: int) -> bool:
-        part, image = self.part_path(index), self.image_path(index)
-        if not (part.is_file() and image.is_file()):
-            return False
-        try:
-            entry = json.loads(part.read_text())
-            return entry["sha256"] == _sha256_file(image) and entry["record"]["index"] == index
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-
-    def write(self, item: dict) -> None:
-        index = int(item["index"])
-        image = item["image"].detach().cpu()
-        path = self.image_path(index)
-        record = _record(item)
-        if self.format == "png16":
-            if image.shape[0] != 1:
-                raise DatasetError(f"png16 holds one channel; these images have {image.shape[0]}: use tiff or hdf5")
-            save_png(_png16_levels(image[0], self.scale), path, bit_depth=16)
-            record["file"] = f"images/{path.name}"
-        elif self.format == "tiff":
-            save_tiff(image.to(torch.float32), path)
-            record["file"] = f"images/{path.name}"
-        else:
-            array = np.ascontiguousarray(image.to(torch.float32).numpy())
-            atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    def record(self, params: dict, geometry: dict) -> dict:
+        """A sample's metadata line: its parameters, geometry, landmarks and image file."""
+        record: dict[str, Any] = {"index": int(params["index"])}
+        record.update({key: _plain(value) for key, value in params.items() if key != "index"})
+        record.update(geometry)
+        index = record["index"]
+        if self.format == "hdf5":
             shard = index // self.shard_size
             record["file"] = f"images/{self.shard_name(shard)}"
             record["shard_row"] = index - shard * self.shard_size
-        entry = {"record": record, "sha256": _sha256_file(path), "bytes": path.stat().st_size}
-        _write_json(self.part_path(index), entry)
+        else:
+            record["file"] = f"images/{self.name(index)}{_SUFFIX[self.format]}"
+        return record
+
+    def write_images(self, records: list[dict], images: np.ndarray) -> list[dict]:
+        """png16/tiff: one file per sample (``images`` ``[n, K, H, W]`` float32); returns the part entries."""
+        entries = []
+        for record, image in zip(records, images, strict=True):
+            if self.format == "png16":
+                if image.shape[0] != 1:
+                    raise DatasetError(f"png16 holds one channel; these images have {image.shape[0]}: use tiff or hdf5")
+                data = encode_png(_png16_levels(image[0], self.scale), bit_depth=16, fast=True)
+            else:
+                data = encode_tiff(image)
+            _write_bytes(self.out / record["file"], data)
+            entries.append({"record": record, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+        return entries
+
+    def write_chunk(self, records: list[dict], images: np.ndarray) -> list[dict]:
+        """hdf5: the batch's images in one ``.npy`` chunk (merged into shards at the end); returns the part entries."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(images, dtype=np.float32), allow_pickle=False)
+        data = buffer.getvalue()
+        chunk = f"chunk-{self.name(records[0]['index'])}-{uuid.uuid4().hex[:12]}.npy"
+        _write_bytes(self.parts / chunk, data)
+        digest = hashlib.sha256(data).hexdigest()
+        return [
+            {"record": record, "sha256": digest, "bytes": len(data), "chunk": chunk, "row": row}
+            for row, record in enumerate(records)
+        ]
+
+    def write_part(self, entries: list[dict]) -> None:
+        first = self.name(entries[0]["record"]["index"])
+        _write_json(self.parts / f"batch-{first}-{uuid.uuid4().hex[:12]}.json", {"entries": entries})
+
+    def read_parts(self) -> dict[int, dict]:
+        """Every sample listed by a part: index -> entry."""
+        done = {}
+        for path in sorted(self.parts.glob("batch-*.json")):
+            for entry in json.loads(path.read_text())["entries"]:
+                done[int(entry["record"]["index"])] = entry
+        return done
+
+    def verify_parts(self) -> int:
+        """Deletes the parts that cannot be read or whose files are missing or changed (their samples are rendered
+        again); returns the number of samples the remaining parts list."""
+        if not self.parts.is_dir():
+            return 0
+        paths = sorted(self.parts.glob("batch-*.json"))
+
+        def check(path: Path) -> int:
+            try:
+                entries = json.loads(path.read_text())["entries"]
+                files = {}
+                for entry in entries:
+                    name = self.parts / entry["chunk"] if "chunk" in entry else self.out / entry["record"]["file"]
+                    files[name] = (entry["sha256"], entry["bytes"])
+                ok = all(
+                    name.is_file() and name.stat().st_size == size and _sha256_file(name) == digest
+                    for name, (digest, size) in files.items()
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                ok, entries = False, []
+            if not ok:
+                path.unlink(missing_ok=True)
+                return 0
+            return len(entries)
+
+        with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:  # hashing releases the GIL
+            return sum(pool.map(check, paths))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -396,7 +439,7 @@ def _setup(out: Path, config: dict) -> str:
                 "nothing written"
             )
     parts = out / ".parts"
-    done = len(list(parts.glob("*.json"))) if parts.is_dir() else 0
+    done = _Writer(out, config, config["count"]).verify_parts()
     _check_disk(out, config, max(config["count"] - done, 0))
     if not config_path.exists():
         _write_bytes(config_path, config_bytes)
@@ -411,21 +454,26 @@ def _setup(out: Path, config: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 def _finish(out: Path, writer: _Writer, config: dict) -> None:
     count = config["count"]
-    entries = []
-    for index in range(count):
-        path = writer.part_path(index)
-        try:
-            entries.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            raise DatasetError(f"sample {index} was not written ({path} missing); run again to resume") from None
+    listed = writer.read_parts()
+    missing = [index for index in range(count) if index not in listed]
+    if missing:
+        raise DatasetError(f"{len(missing)} samples were not written (e.g. {missing[0]}); run again to resume")
+    entries = [listed[index] for index in range(count)]
     files: dict[str, dict] = {}
     if writer.format == "hdf5":
         import h5py
 
         size = writer.shard_size
+        chunks: dict[str, np.ndarray] = {}
         for shard in range((count + size - 1) // size):
             indices = range(shard * size, min((shard + 1) * size, count))
-            images = np.stack([np.load(writer.image_path(i), allow_pickle=False) for i in indices])
+            rows = []
+            for index in indices:
+                entry = entries[index]
+                if entry["chunk"] not in chunks:
+                    chunks[entry["chunk"]] = np.load(writer.parts / entry["chunk"], mmap_mode="r", allow_pickle=False)
+                rows.append(chunks[entry["chunk"]][entry["row"]])
+            images = np.stack(rows)
             target = writer.images / writer.shard_name(shard)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=writer.images)
             os.close(fd)
@@ -439,6 +487,7 @@ def _finish(out: Path, writer: _Writer, config: dict) -> None:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             files[f"images/{target.name}"] = {"sha256": _sha256_file(target), "bytes": target.stat().st_size}
+        chunks.clear()
     else:
         for entry in entries:
             files[entry["record"]["file"]] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
@@ -545,22 +594,39 @@ def _generate(
     writer = _Writer(out, config, count)
 
     def render() -> int:
-        todo = [i for i in range(rank, count, world) if not writer.done(i)]
+        done = writer.read_parts()  # verified by rank 0 in setup
+        todo = [i for i in range(rank, count, world) if i not in done]
         bar = _progress_bar(len(todo), progress and rank == 0, world)
-        # Encoding and writing (PNG compression, checksums) run in threads while the next batch renders; at most
-        # a few batches wait, which bounds memory. Each write is atomic, so an interrupted run leaves whole files.
-        pending: collections.deque = collections.deque()
         cuda = dataset.device.type == "cuda"
+        # Encoding and writing run in threads while the next batches render; a batch's part file is written (here)
+        # once all its images are, and at most a few batches are in flight, which bounds memory.
+        in_flight: collections.deque = collections.deque()
 
-        def submit(batch: dict, host_images: torch.Tensor, copied: torch.cuda.Event | None) -> None:
+        def finish_oldest() -> None:
+            futures, n = in_flight.popleft()
+            writer.write_part([entry for future in futures for entry in future.result()])
+            bar.update(n)
+
+        def submit(prepared: dict, host_images: torch.Tensor, copied: torch.cuda.Event | None) -> None:
             if copied is not None:
                 copied.synchronize()  # this batch's images are on the host; the GPU goes on with the next one
-            items = [{**p, **{key: value[j] for key, value in batch["geometry"].items()}, "image": host_images[j]}
-                     for j, p in enumerate(batch["params"])]  # fmt: skip
-            pending.extend(pool.submit(writer.write, item) for item in items)
-            while len(pending) > 4 * batch_size:
-                pending.popleft().result()
-            bar.update(len(items))
+            geometry = {key: value.tolist() for key, value in prepared["geometry"].items()}
+            records = [
+                writer.record(params, {key: value[j] for key, value in geometry.items()})
+                for j, params in enumerate(prepared["params"])
+            ]
+            images = host_images.numpy()
+            if writer.format == "hdf5":
+                futures = [pool.submit(writer.write_chunk, records, images)]
+            else:
+                step = -(-len(records) // _WRITE_THREADS)
+                futures = [
+                    pool.submit(writer.write_images, records[a : a + step], images[a : a + step])
+                    for a in range(0, len(records), step)
+                ]
+            in_flight.append((futures, len(records)))
+            while len(in_flight) > 3:
+                finish_oldest()
 
         try:
             with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
@@ -568,7 +634,7 @@ def _generate(
                 for prepared in _prepared_batches(dataset, todo, batch_size):
                     images = dataset.render_prepared(prepared)["image"]
                     # One device-to-host copy per batch, started now and awaited only after the next batch is
-                    # queued, so the GPU never waits for the writers (nor the writers for the GPU, per image).
+                    # queued, so the GPU does not wait for the writers.
                     copied = None
                     if cuda:
                         host_images = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
@@ -579,12 +645,11 @@ def _generate(
                         host_images = images
                     if previous is not None:
                         submit(*previous)
-                    batch = {"params": prepared["params"], "geometry": prepared["geometry"]}
-                    previous = (batch, host_images, copied)
+                    previous = ({"params": prepared["params"], "geometry": prepared["geometry"]}, host_images, copied)
                 if previous is not None:
                     submit(*previous)
-                while pending:
-                    pending.popleft().result()
+                while in_flight:
+                    finish_oldest()
         finally:
             bar.close()
         return len(todo)

@@ -7,9 +7,11 @@ exist and the suffix must match the format; both are checked before anything is 
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +27,8 @@ __all__ = [
     "TIFF_SUFFIXES",
     "atomic_write",
     "check_output_path",
+    "encode_png",
+    "encode_tiff",
     "save_geometry",
     "save_png",
     "save_tiff",
@@ -57,9 +61,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     readers see the old file or the whole new one, never a part; the temporary file is removed on failure."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w+b") as handle:  # read too: Pillow reads back multi-page TIFFs
+        with os.fdopen(fd, "w+b") as handle:  # read too: writers may read back what they wrote
             write(handle)
-        os.chmod(tmp, 0o644)
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -76,21 +80,19 @@ def _as_numpy(image: np.ndarray | Tensor) -> np.ndarray:
     return np.asarray(image)
 
 
-def save_png(image: np.ndarray | Tensor, path: str | Path, bit_depth: int = 8) -> Path:
-    """Writes one grayscale image ``[H, W]`` as an 8- or 16-bit PNG, atomically.
+def encode_png(image: np.ndarray | Tensor, bit_depth: int = 8, fast: bool = False) -> bytes:
+    """One grayscale image ``[H, W]`` as the bytes of an 8- or 16-bit PNG file.
 
     Args:
         image: floats in [0, 1] (0 black, 1 white; rounded to the nearest level), or uint8 / uint16 levels (rescaled
             when the bit depth differs: uint8 x 257 for 16 bits, uint16 / 257 for 8 bits).
-        path: destination ending in ``.png``, in an existing folder.
         bit_depth: 8 or 16.
-
-    Returns:
-        The path written.
+        fast: compress with zlib's run-length strategy instead of the default one: about twice as fast, as small
+            for noisy detector images, up to a fifth larger for smooth ones (``torchdrr generate`` uses it to keep
+            up with the GPU).
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
-    path = check_output_path(path, PNG_SUFFIXES, "PNG")
     array = _as_numpy(image)
     if array.ndim != 2:
         raise ValueError(f"a PNG image must be [H, W], got shape {tuple(array.shape)}")
@@ -110,7 +112,44 @@ def save_png(image: np.ndarray | Tensor, path: str | Path, bit_depth: int = 8) -
     else:
         raise TypeError(f"a PNG image must be float in [0, 1], uint8 or uint16, got {array.dtype}")
     picture = Image.fromarray(np.ascontiguousarray(levels))  # mode "L" (uint8) or "I;16" (uint16)
-    return atomic_write(path, lambda handle: picture.save(handle, format="PNG"))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", **({"compress_type": zlib.Z_RLE} if fast else {}))
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray | Tensor, path: str | Path, bit_depth: int = 8) -> Path:
+    """Writes one grayscale image ``[H, W]`` as an 8- or 16-bit PNG, atomically (``encode_png`` gives the bytes).
+
+    Args:
+        image: floats in [0, 1] (0 black, 1 white; rounded to the nearest level), or uint8 / uint16 levels (rescaled
+            when the bit depth differs: uint8 x 257 for 16 bits, uint16 / 257 for 8 bits).
+        path: destination ending in ``.png``, in an existing folder.
+        bit_depth: 8 or 16.
+
+    Returns:
+        The path written.
+    """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
+    path = check_output_path(path, PNG_SUFFIXES, "PNG")
+    data = encode_png(image, bit_depth)
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def encode_tiff(image: np.ndarray | Tensor) -> bytes:
+    """``[H, W]`` or ``[K, H, W]`` values as the bytes of a float32 TIFF file (Pillow mode "F"), one page per
+    channel in order. Values are stored as they are (no scaling), so the file holds the calibrated quantity."""
+    array = _as_numpy(image)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[0] < 1:
+        raise ValueError(f"a TIFF image must be [H, W] or [K, H, W], got shape {tuple(_as_numpy(image).shape)}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"a TIFF image must hold numbers, got {array.dtype}")
+    pages = [Image.fromarray(np.ascontiguousarray(page, dtype=np.float32)) for page in array]
+    buffer = io.BytesIO()  # readable too: Pillow reads back multi-page TIFFs
+    pages[0].save(buffer, format="TIFF", save_all=len(pages) > 1, append_images=pages[1:])
+    return buffer.getvalue()
 
 
 def save_tiff(image: np.ndarray | Tensor, path: str | Path) -> Path:
@@ -120,19 +159,8 @@ def save_tiff(image: np.ndarray | Tensor, path: str | Path) -> Path:
     Values are stored as they are (no scaling), so the file holds the calibrated quantity.
     """
     path = check_output_path(path, TIFF_SUFFIXES, "TIFF")
-    array = _as_numpy(image)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[0] < 1:
-        raise ValueError(f"a TIFF image must be [H, W] or [K, H, W], got shape {tuple(_as_numpy(image).shape)}")
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"a TIFF image must hold numbers, got {array.dtype}")
-    pages = [Image.fromarray(np.ascontiguousarray(page, dtype=np.float32)) for page in array]
-
-    def write(handle: IO[bytes]) -> None:
-        pages[0].save(handle, format="TIFF", save_all=len(pages) > 1, append_images=pages[1:])
-
-    return atomic_write(path, write)
+    data = encode_tiff(image)
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def _metadata_value(key: str, value: Any) -> Any:
