@@ -1,6 +1,7 @@
 """A small CUDA forward + backward of both raycast modes, multi-channel and with rays starting inside and missing the
 volume; the packed channels-last forward (4 and 8 channels); log_weighted_transmission with its tables in shared
-memory and in global memory (ray counts that are not a multiple of the block size); and a full-physics DRR with its
+memory and in global memory (ray counts that are not a multiple of the block size), with one weight table or one per
+image; and a full-physics DRR with its
 backward. Run under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory); the
 spectral part is also worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
 
@@ -40,6 +41,14 @@ def main() -> None:
         weights = torch.rand((2, bins), device="cuda").requires_grad_()
         starts = [0, bins // 4, bins // 4, bins - 3]
         out = torchdrr.ops.log_weighted_transmission(thickness, attenuation, weights, starts)
+        torch.where(torch.isfinite(out), out, 0).sum().backward()
+    # One weight table per image: runs of 512 rays (whole blocks: each block stages its own table) and of 37 rays
+    # (blocks straddle tables: read from global memory).
+    for rays_per_set in (512, 37):
+        thickness = (4 * torch.rand((3, rays_per_set, 3), device="cuda")).requires_grad_()
+        attenuation = torch.rand((3, 120), device="cuda") / 10
+        weights = torch.rand((3, 2, 120), device="cuda").requires_grad_()
+        out = torchdrr.ops.log_weighted_transmission(thickness, attenuation, weights, [0, 50, 120])
         torch.where(torch.isfinite(out), out, 0).sum().backward()
     torch.cuda.synchronize()
     print("sanitize case done:", float(volume.grad.abs().sum()), float(sources.grad.abs().sum()), float(angle.grad))
