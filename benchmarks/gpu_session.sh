@@ -45,12 +45,11 @@ if [ "${DATA:-1}" = 1 ]; then  # training-scale data: throughput of the DataModu
   python3 benchmarks/data_throughput.py > "$OUT/data.log" 2>&1; echo "data bench rc=$?"; tail -6 "$OUT/data.log"
   python3 examples/train_landmarks.py --steps 100 --size 256 --batch-size 64 --device cuda --render-on cuda \
     --log-dir /tmp/torchdrr_logs > "$OUT/example.log" 2>&1; echo "example rc=$?"; tail -3 "$OUT/example.log"
-  for format in png16 hdf5; do
-    rm -rf "/tmp/torchdrr_gen_$format"; start=$(date +%s%N)
-    python3 -m torchdrr generate "/tmp/torchdrr_gen_$format" --count 4096 --size 256 256 --device cuda \
-      --format "$format" --batch-size 64 --no-progress > "$OUT/generate_$format.log" 2>&1
-    rc=$?; echo "generate $format rc=$rc: 4096 samples in $(( ($(date +%s%N) - start) / 1000000 )) ms"
-    tail -2 "$OUT/generate_$format.log"
+  for format in png16 tiff hdf5; do
+    rm -rf "/tmp/torchdrr_gen_$format"
+    python3 -m torchdrr generate "/tmp/torchdrr_gen_$format" --count "${GEN_COUNT:-8192}" --size 256 256 \
+      --device cuda --format "$format" --batch-size 64 --no-progress > "$OUT/generate_$format.log" 2>&1
+    echo "generate $format rc=$?"; tail -2 "$OUT/generate_$format.log"
   done
 fi
 
