@@ -979,6 +979,12 @@ def _generate(args: argparse.Namespace) -> None:
         f"{summary['rendered']} rendered{ranks}, {summary['skipped']} already there, in {summary['seconds']:.1f} s "
         f"({summary['samples_per_second']:.2f} samples/s)"
     )
+    phases = summary.get("phase_seconds")
+    if phases and summary["rendered"]:
+        print(
+            f"  rank 0: {summary['rendering_samples_per_second']:.1f} samples/s while rendering and writing; start-up "
+            f"{phases['setup'] + phases['first_batch']:.1f} s, finishing {phases['finishing']:.1f} s"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

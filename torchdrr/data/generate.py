@@ -532,7 +532,11 @@ def generate_dataset(
 
     Returns:
         A summary: ``out_dir``, ``count``, ``rendered`` (samples rendered now, all ranks), ``skipped`` (already
-        there), ``already_complete``, ``seconds``, ``samples_per_second``, ``image_format``, ``world_size``.
+        there), ``already_complete``, ``seconds``, ``samples_per_second``, ``image_format``, ``world_size``, and on
+        a run that rendered: ``phase_seconds`` (this rank's ``setup``, ``first_batch`` (start-up of the workers up to
+        the first batch), ``rendering`` (rendering and writing after the first batch arrived) and ``finishing``
+        (metadata table, shards, manifest)) and ``rendering_samples_per_second`` (this rank's steady rate: what it
+        rendered over ``rendering`` seconds).
 
     Raises:
         DatasetError (a ValueError): bad arguments, unwritable folder, not enough disk, a different dataset there.
@@ -576,6 +580,7 @@ def _generate(
         return _setup(out, config) if rank == 0 else "?"
 
     state = _collective(world, rank, setup)[0]
+    phases = {"setup": time.perf_counter() - start, "first_batch": 0.0, "rendering": 0.0, "finishing": 0.0}
     summary = {
         "out_dir": str(out),
         "count": count,
@@ -628,10 +633,14 @@ def _generate(
             while len(in_flight) > 3:
                 finish_oldest()
 
+        clock = time.perf_counter()
         try:
             with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
                 previous = None
                 for prepared in _prepared_batches(dataset, todo, batch_size):
+                    if previous is None:  # start-up: worker processes, CT loading, the first batch's host half
+                        phases["first_batch"] = time.perf_counter() - clock
+                        clock = time.perf_counter()
                     images = dataset.render_prepared(prepared)["image"]
                     # One device-to-host copy per batch, started now and awaited only after the next batch is
                     # queued, so the GPU does not wait for the writers.
@@ -652,16 +661,21 @@ def _generate(
                     finish_oldest()
         finally:
             bar.close()
+        phases["rendering"] = time.perf_counter() - clock
         return len(todo)
 
     rendered = sum(_collective(world, rank, render))
+    clock = time.perf_counter()
     _collective(world, rank, lambda: _finish(out, writer, config) if rank == 0 else None)
+    phases["finishing"] = time.perf_counter() - clock
     seconds = time.perf_counter() - start
     summary.update(
         rendered=rendered,
         skipped=count - rendered,
         seconds=seconds,
         samples_per_second=rendered / seconds if seconds > 0 else 0.0,
+        phase_seconds=phases,
+        rendering_samples_per_second=rendered / phases["rendering"] if phases["rendering"] > 0 else 0.0,
     )
     return summary
 
