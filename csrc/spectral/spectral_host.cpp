@@ -76,7 +76,11 @@ int64_t rays_per_weight_set(const at::Tensor& mass_thickness, const at::Tensor& 
 
 at::Tensor group_starts_tensor(c10::IntArrayRef group_starts, const c10::Device& device) {
   const std::vector<int64_t> values(group_starts.begin(), group_starts.end());
-  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
+  at::Tensor host = at::tensor(values, at::TensorOptions().dtype(at::kLong));
+  if (device.is_cpu()) return host;
+  // From pinned memory, without blocking: a copy from pageable memory would make the host wait until the GPU has
+  // finished all the work queued before it (e.g. the ray cast), which serialised the CPU and the GPU.
+  return host.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 }  // namespace torchdrr

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -40,7 +41,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,16 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------------
-#: Threads that encode and write images while the GPU renders the next batch (PNG encoding and hashing release the
-#: GIL; a 256 x 256 16-bit PNG takes about 4 ms on one core, so writing needs several cores to keep up with a GPU).
-_WRITE_THREADS = max(1, min(16, (os.cpu_count() or 2) - 2))
+#: Writers that encode and write images while the next batches render. A 256 x 256 16-bit PNG takes about 4 ms of one
+#: core, so keeping up with a GPU (2,000 images/s) takes about 8 cores: on a GPU the writers are processes, since
+#: threads spend too much of their time in Python (Pillow's save, file handling) and share one interpreter lock with
+#: the thread that queues the GPU work. Rendering on the CPU is far slower than writing: threads suffice there.
+_WRITE_THREADS = max(1, min(8, os.cpu_count() or 1))
+_WRITE_PROCESSES = max(1, min(12, (os.cpu_count() or 2) - 4))
+#: Batches handed to the writers and not yet written (bounds the memory of images waiting to be written).
+_BATCHES_IN_FLIGHT = 8
+#: Writer processes (True), threads (False), or processes when rendering on a GPU (None).
+_PROCESS_WRITERS: bool | None = None
 #: Worker processes that prepare batches (parameters, geometry, spectra) while the GPU renders.
 _PREPARE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
@@ -603,8 +611,8 @@ def _generate(
         todo = [i for i in range(rank, count, world) if i not in done]
         bar = _progress_bar(len(todo), progress and rank == 0, world)
         cuda = dataset.device.type == "cuda"
-        # Encoding and writing run in threads while the next batches render; a batch's part file is written (here)
-        # once all its images are, and at most a few batches are in flight, which bounds memory.
+        # Encoding and writing run in the writers while the next batches render; a batch's part file is written
+        # (here) once all its images are, and at most _BATCHES_IN_FLIGHT batches wait, which bounds memory.
         in_flight: collections.deque = collections.deque()
 
         def finish_oldest() -> None:
@@ -624,18 +632,25 @@ def _generate(
             if writer.format == "hdf5":
                 futures = [pool.submit(writer.write_chunk, records, images)]
             else:
-                step = -(-len(records) // _WRITE_THREADS)
+                step = -(-len(records) // writers)
                 futures = [
                     pool.submit(writer.write_images, records[a : a + step], images[a : a + step])
                     for a in range(0, len(records), step)
                 ]
             in_flight.append((futures, len(records)))
-            while len(in_flight) > 3:
+            while len(in_flight) > _BATCHES_IN_FLIGHT:
                 finish_oldest()
 
+        processes = cuda if _PROCESS_WRITERS is None else _PROCESS_WRITERS
+        writers = _WRITE_PROCESSES if processes else _WRITE_THREADS
         clock = time.perf_counter()
         try:
-            with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+            if processes:  # spawned, not forked: this process has CUDA and threads running
+                context = multiprocessing.get_context("spawn")
+                executor = ProcessPoolExecutor(max_workers=writers, mp_context=context)
+            else:
+                executor = ThreadPoolExecutor(max_workers=writers)
+            with executor as pool:
                 previous = None
                 for prepared in _prepared_batches(dataset, todo, batch_size):
                     if previous is None:  # start-up: worker processes, CT loading, the first batch's host half
