@@ -222,22 +222,6 @@ def test_a_resume_renders_again_what_no_longer_verifies(tmp_path, dataset, monke
         assert resumed[name] == whole[name], name
 
 
-def test_writer_processes_write_the_same_files_as_threads(tmp_path, dataset, monkeypatch):
-    """On a GPU the writers are spawned processes; here they are forced on for the CPU to compare with threads."""
-    import torchdrr.data.generate as generate
-
-    monkeypatch.setattr(generate, "_WRITE_PROCESSES", 2)
-    for kind, processes in (("threads", False), ("processes", True)):
-        monkeypatch.setattr(generate, "_PROCESS_WRITERS", processes)
-        for image_format in ("png16", "hdf5"):
-            generate_dataset(tmp_path / kind / image_format, dataset, image_format=image_format, batch_size=2,
-                             progress=False)  # fmt: skip
-    threads, processes = _files(tmp_path / "threads"), _files(tmp_path / "processes")
-    assert sorted(threads) == sorted(processes) and len(threads) > 10
-    for name in threads:
-        assert threads[name] == processes[name], name
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------------

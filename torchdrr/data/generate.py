@@ -33,7 +33,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -41,7 +40,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +69,13 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------------------------------
-#: Writers that encode and write images while the next batches render. A 256 x 256 16-bit PNG takes about 4 ms of one
-#: core, so keeping up with a GPU (2,000 images/s) takes about 8 cores: on a GPU the writers are processes, since
-#: threads spend too much of their time in Python (Pillow's save, file handling) and share one interpreter lock with
-#: the thread that queues the GPU work. Rendering on the CPU is far slower than writing: threads suffice there.
-_WRITE_THREADS = max(1, min(8, os.cpu_count() or 1))
-_WRITE_PROCESSES = max(1, min(12, (os.cpu_count() or 2) - 4))
+#: Threads that encode and write images while the next batches render. The work releases the interpreter lock
+#: (zlib, hashing, numpy, file writes), and a 256 x 256 16-bit PNG costs about 2 ms of one core, so a few threads keep
+#: up with a GPU. (Writer processes were tried: handing them the images through pipes capped writing at about 430
+#: images/s on the H100 machine.)
+_WRITE_THREADS = max(1, min(12, (os.cpu_count() or 2) - 4))
 #: Batches handed to the writers and not yet written (bounds the memory of images waiting to be written).
 _BATCHES_IN_FLIGHT = 8
-#: Writer processes (True), threads (False), or processes when rendering on a GPU (None).
-_PROCESS_WRITERS: bool | None = None
 #: Worker processes that prepare batches (parameters, geometry, spectra) while the GPU renders.
 _PREPARE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
@@ -293,14 +289,12 @@ class _Writer:
 
     def write_images(self, records: list[dict], images: np.ndarray) -> list[dict]:
         """png16/tiff: one file per sample (``images`` ``[n, K, H, W]`` float32); returns the part entries."""
+        if self.format == "png16" and images.shape[1] != 1:
+            raise DatasetError(f"png16 holds one channel; these images have {images.shape[1]}: use tiff or hdf5")
+        levels = _png16_levels(images[:, 0], self.scale) if self.format == "png16" else None
         entries = []
-        for record, image in zip(records, images, strict=True):
-            if self.format == "png16":
-                if image.shape[0] != 1:
-                    raise DatasetError(f"png16 holds one channel; these images have {image.shape[0]}: use tiff or hdf5")
-                data = encode_png(_png16_levels(image[0], self.scale), bit_depth=16, fast=True)
-            else:
-                data = encode_tiff(image)
+        for j, record in enumerate(records):
+            data = encode_png(levels[j], bit_depth=16, fast=True) if levels is not None else encode_tiff(images[j])
             _write_bytes(self.out / record["file"], data)
             entries.append({"record": record, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
         return entries
@@ -632,7 +626,7 @@ def _generate(
             if writer.format == "hdf5":
                 futures = [pool.submit(writer.write_chunk, records, images)]
             else:
-                step = -(-len(records) // writers)
+                step = -(-len(records) // _WRITE_THREADS)
                 futures = [
                     pool.submit(writer.write_images, records[a : a + step], images[a : a + step])
                     for a in range(0, len(records), step)
@@ -641,16 +635,9 @@ def _generate(
             while len(in_flight) > _BATCHES_IN_FLIGHT:
                 finish_oldest()
 
-        processes = cuda if _PROCESS_WRITERS is None else _PROCESS_WRITERS
-        writers = _WRITE_PROCESSES if processes else _WRITE_THREADS
         clock = time.perf_counter()
         try:
-            if processes:  # spawned, not forked: this process has CUDA and threads running
-                context = multiprocessing.get_context("spawn")
-                executor = ProcessPoolExecutor(max_workers=writers, mp_context=context)
-            else:
-                executor = ThreadPoolExecutor(max_workers=writers)
-            with executor as pool:
+            with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
                 previous = None
                 for prepared in _prepared_batches(dataset, todo, batch_size):
                     if previous is None:  # start-up: worker processes, CT loading, the first batch's host half

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -87,9 +88,9 @@ def encode_png(image: np.ndarray | Tensor, bit_depth: int = 8, fast: bool = Fals
         image: floats in [0, 1] (0 black, 1 white; rounded to the nearest level), or uint8 / uint16 levels (rescaled
             when the bit depth differs: uint8 x 257 for 16 bits, uint16 / 257 for 8 bits).
         bit_depth: 8 or 16.
-        fast: compress with zlib's run-length strategy instead of the default one: about twice as fast, as small
-            for noisy detector images, up to a fifth larger for smooth ones (``torchdrr generate`` uses it to keep
-            up with the GPU).
+        fast: one fixed row filter and zlib's run-length strategy instead of Pillow's adaptive filtering: about
+            four times as fast, as small for noisy detector images, up to a quarter larger for smooth ones
+            (``torchdrr generate`` uses it to keep up with the GPU).
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
@@ -111,10 +112,36 @@ def encode_png(image: np.ndarray | Tensor, bit_depth: int = 8, fast: bool = Fals
         levels = levels.astype(np.uint8 if bit_depth == 8 else np.uint16)
     else:
         raise TypeError(f"a PNG image must be float in [0, 1], uint8 or uint16, got {array.dtype}")
+    if fast:
+        return _encode_png_up_rle(levels)
     picture = Image.fromarray(np.ascontiguousarray(levels))  # mode "L" (uint8) or "I;16" (uint16)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", **({"compress_type": zlib.Z_RLE} if fast else {}))
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _encode_png_up_rle(levels: np.ndarray) -> bytes:
+    """A grayscale PNG (8- or 16-bit ``levels`` [H, W]) with the "Up" filter on every row and zlib's run-length
+    strategy at level 1, straight from the PNG specification (signature, IHDR, one IDAT, IEND).
+
+    Why not Pillow: its encoder tries every filter on every row, which makes a 256 x 256 16-bit image cost 8 ms, too
+    slow for ``torchdrr generate`` to keep up with a GPU; this one takes about 2 ms and, on noisy detector images, is
+    as small. Pillow reads these files back bit for bit (tested)."""
+    height, width = levels.shape
+    big_endian = levels.astype(levels.dtype.newbyteorder(">"), copy=False) if levels.itemsize == 2 else levels
+    rows = np.ascontiguousarray(big_endian).view(np.uint8).reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # filter type "Up": each byte minus the byte above it (modulo 256); the first row is kept
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    stream = compressor.compress(filtered.tobytes()) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8 * levels.itemsize, 0, 0, 0, 0)  # gray, deflate, no interlace
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", stream) + _png_chunk(b"IEND", b"")
 
 
 def save_png(image: np.ndarray | Tensor, path: str | Path, bit_depth: int = 8) -> Path:
