@@ -284,11 +284,22 @@ class DRRDataset(torch.utils.data.Dataset):
         }
 
     def render_prepared(self, prepared: dict, stack: bool = True) -> dict | list[dict]:
-        """The device half of ``render_batch``: rays, one ray cast per CT and the physics, on ``self.device``.
+        """The device half of ``render_batch``: the images (``render_images``) with the fields of ``prepared``."""
+        images = self.render_images(prepared)
+        params, geometry = prepared["params"], prepared["geometry"]
+        if stack:
+            return {**_stack(params), **geometry, "image": images}
+        items = []
+        for j, p in enumerate(params):
+            items.append({**p, **{key: value[j] for key, value in geometry.items()}, "image": images[j]})
+        return items
+
+    def render_images(self, prepared: dict) -> Tensor:
+        """The images of a prepared batch, ``[B, K, H, W]`` float32 on ``self.device``: rays, one ray cast per CT
+        and the physics.
 
         On a GPU the host values travel in one pinned copy per group and nothing waits for the device, so the CPU
-        queues work while the GPU renders. The images are ``[B, K, H, W]`` float32 on ``self.device``; the other
-        fields come from ``prepared`` (on whatever device they are)."""
+        queues work while the GPU renders."""
         groups = prepared["groups"]
         count = sum(len(group["members"]) for group in groups)
         images = None
@@ -317,13 +328,7 @@ class DRRDataset(torch.utils.data.Dataset):
             if images is None:
                 images = rendered.new_empty((count, *rendered.shape[1:]))
             images[torch.tensor(members, device=self.device)] = rendered
-        params, geometry = prepared["params"], prepared["geometry"]
-        if stack:
-            return {**_stack(params), **geometry, "image": images}
-        items = []
-        for j, p in enumerate(params):
-            items.append({**p, **{key: value[j] for key, value in geometry.items()}, "image": images[j]})
-        return items
+        return images
 
     def _host_values(self, params: SampleParameters, drr: DRR) -> dict:
         """A sample's geometry and physics, computed on the host in float64 (per sample, so batch-independent)."""

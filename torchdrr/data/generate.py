@@ -643,7 +643,7 @@ def _generate(
                     if previous is None:  # start-up: worker processes, CT loading, the first batch's host half
                         phases["first_batch"] = time.perf_counter() - clock
                         clock = time.perf_counter()
-                    images = dataset.render_prepared(prepared)["image"]
+                    images = dataset.render_images(prepared)
                     # One device-to-host copy per batch, started now and awaited only after the next batch is
                     # queued, so the GPU does not wait for the writers.
                     copied = None
