@@ -53,6 +53,19 @@ if [ "${DATA:-1}" = 1 ]; then  # training-scale data: throughput of the DataModu
   done
 fi
 
+if [ "${REGISTRATION:-1}" = 1 ]; then  # 2D/3D registration benchmark, with the peers when peerlib.tar.xz travels
+  peers=()
+  if [ -f .carry/dev/peerlib.tar.xz ]; then
+    mkdir -p /tmp/carry && tar -C /tmp/carry -xJf .carry/dev/peerlib.tar.xz
+    export PYTHONPATH="$PYTHONPATH:/tmp/carry/peerlib/site" PEERS_EXTRA_PATH=/tmp/carry/peerlib/fallback
+    python3 benchmarks/peers/register_peers.py --check > "$OUT/peers_check.log" 2>&1; cat "$OUT/peers_check.log"
+    peers=(--peers --peers-python python3)
+  fi
+  python3 benchmarks/registration.py --device cuda --cases "${REG_CASES:-50}" --size "${REG_SIZE:-256}" "${peers[@]}" \
+    --out "$OUT/registration.json" > "$OUT/registration.log" 2>&1
+  echo "registration bench rc=$?"; sed -n '/^| method/,$p' "$OUT/registration.log"
+fi
+
 if [ "${SKIP_RUN_BENCH:-0}" != 1 ]; then
   python3 benchmarks/run.py --devices cuda "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_render_parser(commands)
     _add_generate_parser(commands)
+    from .registration.command import add_register_parser
+
+    add_register_parser(commands, _HelpFormatter, _view_name)
 
     sketch = commands.add_parser(
         "sketch",
@@ -997,6 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
             _sketch(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "register":
+            from .registration.command import run_register
+
+            run_register(args)
         elif args.command == "info":
             from . import build_info
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,11 @@ class RegistrationResult:
         seconds: wall time.
         renders: DRRs rendered (a batch of S cameras counts S).
         iterations: optimiser steps, all levels.
-        frames: DRRs of the best pose at the end of each recorded step (``record_every``), ``[H, W]`` each, coarse
-            levels upsampled to the finest size; empty unless asked.
+        frames: the DRR of the leading start at each recorded step (``record_every``), ``[H / bin, W / bin]`` at its
+            level's binning; empty unless asked.
+        intrinsics_offset: ``[3]`` fitted focal change (percent) and principal-point shift (column, row; pixels),
+            when ``optimize_intrinsics``; the camera's K includes it.
+        contrast_gamma: the fitted contrast exponent, when ``fit_contrast``.
     """
 
     camera: Camera
@@ -66,6 +69,8 @@ class RegistrationResult:
     renders: int = 0
     iterations: int = 0
     frames: list[Tensor] = field(default_factory=list)
+    intrinsics_offset: Tensor | None = None
+    contrast_gamma: float | None = None
 
 
 def start_offsets(count: int, rotation_deg: float = 6.0, translation_mm: float = 12.0, seed: int = 0) -> Tensor:
@@ -104,6 +109,54 @@ def _pool(image: Tensor, factor: int) -> Tensor:
     return image if factor == 1 else F.avg_pool2d(image, factor)
 
 
+def _check_source_outside(drr: DRR, camera: Camera) -> None:
+    """A source inside the CT's box casts rays that start inside the patient: raise, naming where it is."""
+    source = (-camera.translation.unsqueeze(1) @ camera.rotation)[0, 0].to("cpu", torch.float64)  # -R^T t
+    index = torch.linalg.solve(drr.affine, torch.cat([source, source.new_ones(1)]))[:3]
+    shape = torch.tensor(drr.volume_shape, dtype=torch.float64)
+    if bool(((index >= -0.5) & (index <= shape - 0.5)).all()):
+        raise ValueError(
+            f"the initial pose puts the X-ray source inside the CT (source at {source.tolist()} mm, voxel index "
+            f"{[round(float(i), 1) for i in index]} of a {tuple(drr.volume_shape)} volume); check the pose's "
+            "translation (the source should be hundreds of mm from the patient)"
+        )
+
+
+def _check_pixel_spacing(camera: Camera, pixel_spacing_mm: Sequence[float] | None, rtol: float = 0.02) -> None:
+    """The X-ray's pixel pitch (row, column; mm) must be the camera's, which K and the SDD define."""
+    if pixel_spacing_mm is None:
+        return
+    intrinsics = camera.intrinsics.detach().to("cpu", torch.float64)
+    expected = (camera.sdd_mm / abs(float(intrinsics[1, 1])), camera.sdd_mm / abs(float(intrinsics[0, 0])))
+    actual = tuple(float(s) for s in pixel_spacing_mm)
+    if len(actual) != 2 or not all(math.isclose(a, e, rel_tol=rtol) for a, e in zip(actual, expected, strict=True)):
+        raise ValueError(
+            f"the X-ray's pixel spacing {actual} mm (row, column) does not match the camera's "
+            f"({expected[0]:.4g}, {expected[1]:.4g}) mm (from K and the SDD); pass a camera of the X-ray's detector"
+        )
+
+
+def _check_contrast(image: Tensor, weights: Tensor | None) -> None:
+    """An image of one value (where the mask is valid) has no structure to register to."""
+    values = image if weights is None else image[weights > 0]
+    if values.numel() == 0:
+        raise ValueError("the mask leaves no valid pixel of the X-ray")
+    if float(values.max() - values.min()) <= 1e-12 * max(1.0, float(values.abs().max())):
+        raise ValueError(
+            f"the X-ray is constant ({float(values.reshape(-1)[0]):.6g} everywhere"
+            f"{' inside the mask' if weights is not None else ''}): there is nothing to register to"
+        )
+
+
+def _adjusted_intrinsics(intrinsics: Tensor, parameters: Tensor) -> Tensor:
+    """K after a focal change of ``parameters[0]`` percent and a principal-point shift of ``parameters[1:3]``
+    pixels (column, row)."""
+    scale = 1.0 + parameters[0] / 100.0
+    row0 = torch.stack([intrinsics[0, 0] * scale, intrinsics[0, 1], intrinsics[0, 2] + parameters[1]])
+    row1 = torch.stack([intrinsics[1, 0], intrinsics[1, 1] * scale, intrinsics[1, 2] + parameters[2]])
+    return torch.stack([row0, row1, intrinsics[2]])
+
+
 def register(
     drr: DRR,
     xray: Tensor,
@@ -112,14 +165,18 @@ def register(
     loss: str | Callable[..., Tensor] = "gncc",
     mask: Tensor | None = None,
     xray_kind: str = "line_integral",
+    xray_pixel_spacing_mm: Sequence[float] | None = None,
     center: Tensor | None = None,
     levels: Sequence[int] = (4, 2, 1),
     starts: int | Tensor = 1,
     optimizer: str = "adam",
     iterations: int | Sequence[int] = 150,
     learning_rate: float | Sequence[float] | None = None,
+    scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
     tolerance: float = 1e-4,
     patience: int = 15,
+    optimize_intrinsics: bool = False,
+    fit_contrast: bool = False,
     record_every: int = 0,
     progress: Callable[[str, int, float], None] | None = None,
 ) -> RegistrationResult:
@@ -128,25 +185,37 @@ def register(
     Args:
         drr: the CT's DRR module (any physics; rendered noise-free as line integrals).
         xray: ``[H, W]`` X-ray on ``initial``'s detector (H x W pixels).
-        initial: one camera (its K, detector and SDD are kept; R and t are optimised).
+        initial: one camera (its K, detector and SDD are kept unless ``optimize_intrinsics``; R and t are optimised).
         loss: a name of ``registration.losses.LOSSES`` or a callable ``(fixed, moving, mask) -> [B]``.
         mask: ``[H, W]`` valid pixels of the X-ray (e.g. inside the collimator), bool or weights in [0, 1].
         xray_kind: how ``xray``'s values relate to attenuation (``XRAY_KINDS``).
+        xray_pixel_spacing_mm: the X-ray's pixel pitch (row, column) in mm when known (e.g. from DICOM): checked
+            against the camera's (2 %).
         center: ``[3]`` world point (mm) the CT turns about; default the volume centre.
         levels: detector binning factors, coarse to fine (each must divide H and W).
-        starts: number of multi-start offsets (``start_offsets``) or an ``[S, 6]`` tensor of them, on the coarsest
-            level.
+        starts: number of multi-start offsets (``start_offsets``) or an ``[S, 6]`` tensor of them (degrees, mm), on
+            the coarsest level.
         optimizer: "adam" or "lbfgs".
         iterations: maximum steps per level (one number or one per level).
-        learning_rate: Adam step size per level, in degrees / mm (default 2, halved at each finer level; for
-            L-BFGS its lr).
+        learning_rate: Adam step size per level, in units of ``scales`` (default 2, halved at each finer level; for
+            L-BFGS its lr, default 1).
+        scales: ``[6]`` degrees / mm per optimiser unit for the three rotations and three translations (per-parameter
+            scaling: e.g. a larger depth translation scale when the source distance is poorly known).
         tolerance, patience: a level stops when its best loss has not fallen by ``tolerance`` (relative) for
             ``patience`` steps.
+        optimize_intrinsics: also fit the focal length (percent) and the principal point (pixels), shared by all
+            starts, on top of the pose.
+        fit_contrast: also fit a contrast exponent ``gamma`` (the DRR's line integrals are raised to it before the
+            loss) for X-rays whose contrast is not an affine map of the DRR's (other spectrum, processing).
         record_every: keep a DRR of the best pose every that many steps (0: none) for ``frames``.
         progress: called as ``progress(level_name, step, loss)`` after every step.
 
     Returns:
-        A ``RegistrationResult``.
+        A ``RegistrationResult``; its pose is always finite (the best pose seen, the initial one at worst).
+
+    Raises:
+        ValueError: the X-ray does not fit the camera (size or pitch), is constant or not finite, or the initial pose
+            puts the source inside the CT.
     """
     start_time = time.perf_counter()
     if not isinstance(initial, Camera) or initial.batch_size != 1:
@@ -154,12 +223,15 @@ def register(
     if optimizer not in ("adam", "lbfgs"):
         raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
     levels = [int(f) for f in levels]
+    if not levels:
+        raise ValueError("levels must name at least one binning factor")
     height, width = initial.height, initial.width
     fixed = _prepare_xray(xray, xray_kind)
     if fixed.shape[-2:] != (height, width):
         raise ValueError(
             f"xray is {tuple(fixed.shape[-2:])} pixels but the camera's detector is {(height, width)} (H, W)"
         )
+    _check_pixel_spacing(initial, xray_pixel_spacing_mm)
     for factor in levels:
         if factor < 1 or height % factor or width % factor:
             raise ValueError(f"levels must divide the detector {height} x {width}, got {factor}")
@@ -174,90 +246,132 @@ def register(
     )
     if len(iterations) != len(levels) or len(rates) != len(levels):
         raise ValueError(f"iterations and learning_rate need one value per level ({len(levels)})")
+    scale = torch.as_tensor(scales, dtype=torch.float64).reshape(-1)
+    if scale.numel() != 6 or not bool((scale > 0).all()):
+        raise ValueError(f"scales must be six positive numbers (3 rotations in degrees, 3 translations in mm), got "
+                         f"{list(scales)}")  # fmt: skip
 
     device, dtype = drr.device, drr.dtype
-    fixed = fixed.to(device, dtype)
     weights = None
     if mask is not None:
-        weights = mask.detach().to(device, dtype).reshape(1, 1, height, width)
+        if tuple(mask.shape[-2:]) != (height, width) or mask.numel() != height * width:
+            raise ValueError(f"mask must be [H, W] = [{height}, {width}], got {tuple(mask.shape)}")
+        weights = mask.detach().to(torch.float64).reshape(1, 1, height, width)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or bool((weights > 1).any()):
+            raise ValueError("mask must be boolean or weights in [0, 1]")
+    _check_contrast(fixed, weights)
+    fixed = fixed.to(device, dtype)
+    weights = None if weights is None else weights.to(device, dtype)
     center = (drr.volume_center if center is None else center).to(device, torch.float64)
     camera = initial.to(device=device, dtype=torch.float64)
+    _check_source_outside(drr, camera)
+    scale = scale.to(device)
     offsets = start_offsets(int(starts)) if isinstance(starts, int) else starts.detach().to(torch.float64)
+    if offsets.dim() != 2 or offsets.shape[1] != 6 or not bool(torch.isfinite(offsets).all()):
+        raise ValueError(f"starts must be a count or an [S, 6] tensor of finite offsets, got {tuple(offsets.shape)}")
     offsets = offsets.to(device).clone()
+    intrinsic_offset = torch.zeros(3, dtype=torch.float64, device=device)  # focal %, principal point (px)
+    contrast = torch.zeros(offsets.shape[0], 1, 1, 1, dtype=torch.float64, device=device)  # log gamma
 
     result = RegistrationResult(camera=camera, offset=offsets[0], loss=math.inf)
     for level, (factor, steps, rate) in enumerate(zip(levels, iterations, rates, strict=True)):
-        level_camera = camera.binned(factor) if factor > 1 else camera
         target = _pool(fixed, factor)
         level_mask = None if weights is None else _pool(weights, factor)
-        parameters = offsets.clone().requires_grad_(True)
+        pose_parameters = (offsets / scale).clone().requires_grad_(True)
+        parameters = [pose_parameters]
+        intrinsic_parameters = intrinsic_offset.clone().requires_grad_(optimize_intrinsics)
+        contrast_parameters = contrast.clone().requires_grad_(fit_contrast)
+        parameters += [intrinsic_parameters] if optimize_intrinsics else []
+        parameters += [contrast_parameters] if fit_contrast else []
 
         def evaluate(
-            parameters: Tensor = parameters, level_camera: Camera = level_camera, target: Tensor = target,
+            pose_parameters: Tensor = pose_parameters, intrinsic_parameters: Tensor = intrinsic_parameters,
+            contrast_parameters: Tensor = contrast_parameters, factor: int = factor, target: Tensor = target,
             level_mask: Tensor | None = level_mask,
         ) -> tuple[Tensor, Tensor]:  # fmt: skip
-            cameras = offset_camera(level_camera, parameters, center)
+            full = camera
+            if optimize_intrinsics:
+                full = replace(camera, intrinsics=_adjusted_intrinsics(camera.intrinsics, intrinsic_parameters))
+            cameras = offset_camera(full.binned(factor) if factor > 1 else full, pose_parameters * scale, center)
             moving = drr(cameras, output="line_integral", noisy=False)
-            result.renders += parameters.shape[0]
+            if fit_contrast:
+                moving = moving.clamp_min(0) ** torch.exp(contrast_parameters).to(moving.dtype)
+            result.renders += pose_parameters.shape[0]
             return loss_fn(target, moving, level_mask), moving
 
         if optimizer == "adam":
-            solver = torch.optim.Adam([parameters], lr=rate)
+            solver = torch.optim.Adam(parameters, lr=rate)
         else:
-            solver = torch.optim.LBFGS([parameters], lr=rate, max_iter=1, line_search_fn="strong_wolfe")
-        best = torch.full((parameters.shape[0],), math.inf, dtype=torch.float64)
-        best_offsets = parameters.detach().clone()
+            solver = torch.optim.LBFGS(parameters, lr=rate, max_iter=1, line_search_fn="strong_wolfe")
+        count = pose_parameters.shape[0]
+        best = torch.full((count,), math.inf, dtype=torch.float64)
+        best_pose = pose_parameters.detach().clone()
+        best_intrinsics = intrinsic_parameters.detach().clone()
+        best_contrast = contrast_parameters.detach().clone()
         stale = 0
         for step in range(steps):
             if optimizer == "adam":
                 solver.zero_grad()
                 values, moving = evaluate()
-                evaluated = parameters.detach().clone()  # the offsets the loss was computed at (before the step)
-                values.sum().backward()
-                solver.step()
+                # the parameters the loss was computed at (before the step)
+                evaluated = [p.detach().clone() for p in (pose_parameters, intrinsic_parameters, contrast_parameters)]
+                total = values.sum()
+                if torch.isfinite(total):
+                    total.backward()
+                    solver.step()
             else:
 
                 def closure(solver: torch.optim.Optimizer = solver, evaluate: Callable = evaluate) -> Tensor:
                     solver.zero_grad()
                     total = evaluate()[0].sum()
-                    total.backward()
+                    if torch.isfinite(total):
+                        total.backward()
                     return total
 
                 solver.step(closure)
                 with torch.no_grad():
                     values, moving = evaluate()
-                evaluated = parameters.detach().clone()
+                evaluated = [p.detach().clone() for p in (pose_parameters, intrinsic_parameters, contrast_parameters)]
             current = values.detach().to("cpu", torch.float64)
+            current = torch.where(torch.isfinite(current), current, torch.full_like(current, math.inf))
             improved = current < best - tolerance * best.abs().clamp_min(1e-3)
-            better = (current < best).to(evaluated.device)
-            best_offsets = torch.where(better[:, None], evaluated, best_offsets)
+            better = current < best
+            better_device = better.to(device)
+            best_pose = torch.where(better_device[:, None], evaluated[0], best_pose)
+            best_contrast = torch.where(better_device[:, None, None, None], evaluated[2], best_contrast)
+            winner = int(torch.argmin(torch.minimum(current, best)))
+            if bool(better[winner]) and float(current[winner]) <= float(best.min()):
+                best_intrinsics = evaluated[1]  # shared by the starts: kept with the best start's best loss
             best = torch.minimum(current, best)
             stale = 0 if bool(improved.any()) else stale + 1
             result.iterations += 1
-            winner = int(torch.argmin(best))
             result.losses.append(float(best[winner]))
             if record_every and step % record_every == 0:
-                frame = moving[winner, 0].detach()
-                if factor > 1:
-                    frame = F.interpolate(frame[None, None], scale_factor=factor, mode="nearest")[0, 0]
-                result.frames.append(frame.cpu())
+                result.frames.append(moving[winner, 0].detach().cpu())
             if progress is not None:
                 progress(f"level {level + 1}/{len(levels)} (bin {factor})", step, float(best[winner]))
             if stale >= patience:
                 break
-        offsets = best_offsets
+        offsets, contrast, intrinsic_offset = best_pose * scale, best_contrast, best_intrinsics
         if offsets.shape[0] > 1:  # multi-start: the best start goes on alone
-            offsets = offsets[int(torch.argmin(best))].unsqueeze(0)
+            winner = int(torch.argmin(best))
+            offsets, contrast = offsets[winner].unsqueeze(0), contrast[winner].unsqueeze(0)
         result.level_ends.append(len(result.losses))
 
+    final = camera
+    if optimize_intrinsics:
+        final = replace(camera, intrinsics=_adjusted_intrinsics(camera.intrinsics, intrinsic_offset).detach())
     with torch.no_grad():
-        values = loss_fn(
-            fixed, drr(offset_camera(camera, offsets, center), output="line_integral", noisy=False), weights
-        )
+        moving = drr(offset_camera(final, offsets, center), output="line_integral", noisy=False)
+        if fit_contrast:
+            moving = moving.clamp_min(0) ** torch.exp(contrast).to(moving.dtype)
+        values = loss_fn(fixed, moving, weights)
         result.renders += 1
-    rotation, translation = apply_offset(camera.rotation, camera.translation, offsets, center)
-    result.camera = Camera(camera.intrinsics, rotation.detach(), translation.detach(), height, width, camera.sdd_mm)
+    rotation, translation = apply_offset(final.rotation, final.translation, offsets, center)
+    result.camera = Camera(final.intrinsics, rotation.detach(), translation.detach(), height, width, final.sdd_mm)
     result.offset = offsets[0].detach().cpu()
+    result.intrinsics_offset = intrinsic_offset.detach().cpu() if optimize_intrinsics else None
+    result.contrast_gamma = float(torch.exp(contrast).reshape(-1)[0]) if fit_contrast else None
     result.loss = float(values[0])
     result.seconds = time.perf_counter() - start_time
     return result
