@@ -108,9 +108,10 @@ def make_cases(volume: Volume, count: int, size: int, seed: int, device: torch.d
 
 
 def registration_settings(size: int) -> dict:
-    """torchdrr's settings: three levels down to the full detector (coarsest about 32 pixels), NCC of gradients."""
+    """torchdrr's settings: ``register``'s defaults, with three levels down to the full detector (the coarsest about
+    32 to 64 pixels a side)."""
     levels = [f for f in (8, 4, 2, 1) if size // f >= 32 and size % f == 0][-3:]
-    return {"loss": "gncc", "levels": tuple(levels), "iterations": (100, 60, 40)[: len(levels)], "patience": 10}
+    return {"levels": tuple(levels)}
 
 
 def median(values: list[float]) -> float:
@@ -234,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI version: bundled CT, 64 x 64, 3 cases")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/out/...)")
     parser.add_argument("--quiet", action="store_true", help="no per-case lines")
+    tuning = parser.add_argument_group("torchdrr settings (default: registration_settings)")
+    tuning.add_argument("--loss", default=None, help="loss, or comma-separated losses per level")
+    tuning.add_argument("--levels", default=None, help="comma-separated binning factors")
+    tuning.add_argument("--iterations", default=None, help="comma-separated maximum steps per level")
+    tuning.add_argument("--learning-rate", default=None, help="comma-separated Adam step sizes per level")
+    tuning.add_argument("--patience", type=int, default=None, help="steps without improvement before a level stops")
+    tuning.add_argument("--plateau-halvings", type=int, default=None, help="step-size halvings per level")
+    tuning.add_argument("--starts", type=int, default=None, help="multi-start count")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
@@ -246,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     cases = make_cases(volume, args.cases, args.size, args.seed, device)
     model = DRR(volume, spectrum=MODEL_SPECTRUM).to(device)
     settings = registration_settings(args.size)
+    overrides = {
+        "loss": None if args.loss is None else tuple(args.loss.split(",")),
+        "levels": None if args.levels is None else tuple(int(v) for v in args.levels.split(",")),
+        "iterations": None if args.iterations is None else tuple(int(v) for v in args.iterations.split(",")),
+        "learning_rate": None if args.learning_rate is None else tuple(float(v) for v in args.learning_rate.split(",")),
+        "patience": args.patience,
+        "plateau_halvings": args.plateau_halvings,
+        "starts": args.starts,
+    }
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    if isinstance(settings.get("loss"), tuple) and len(settings["loss"]) == 1:
+        settings["loss"] = settings["loss"][0]
     rows = run_torchdrr(model, cases, settings, device, verbose=not args.quiet)
     summaries = [summarise("torchdrr", rows, args.success_mm)]
     peer_rows: dict[str, list[dict]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ from torchdrr.registration import (
     volume_landmarks,
 )
 from torchdrr.registration.losses import normalized_cross_correlation
+
+from .conftest import cuda_ready
 
 
 def test_register_recovers_a_perturbed_pose_on_the_cpu() -> None:
@@ -118,3 +122,40 @@ def test_optimize_intrinsics_fits_a_wrong_principal_point() -> None:
     assert result.intrinsics_offset is not None
     assert abs(float(result.intrinsics_offset[1]) - 1.5) < 0.3, result.intrinsics_offset
     assert abs(float(result.camera.intrinsics[0, 2] - shifted[0, 2])) < 0.3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and a CUDA build of torchdrr")
+def test_cuda_graph_steps_match_eager_steps_and_recover_the_pose() -> None:
+    drr, camera, center = _small_scene(64)
+    drr = drr.to("cuda")
+    truth = torch.tensor([[3.0, -2.0, 4.0, 6.0, -8.0, 5.0]], dtype=torch.float64)
+    true_camera = offset_camera(camera, truth, center)
+    xray = drr(true_camera, output="line_integral", noisy=False)[0, 0]
+    settings = {"loss": "gncc", "levels": (2, 1), "iterations": (60, 40), "starts": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture would warn and fall back
+        graphed = register(drr, xray, camera, cuda_graph=True, **settings)
+    eager = register(drr, xray, camera, cuda_graph=False, **settings)
+    # Same arithmetic, replayed: the loss curves agree step for step (the graph has its warm-up renders on top).
+    assert len(graphed.losses) == len(eager.losses)
+    assert torch.allclose(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-6)
+    assert graphed.renders == eager.renders + 2 * 2 + 2 * 1  # 2 warm-up renders x 2 starts, then x 1 start
+    landmarks = volume_landmarks(drr.volume_shape, drr.affine, count=50, seed=5)
+    assert float(registration_errors(graphed.camera.to("cpu"), true_camera, landmarks).mtre_mm[0]) < 1.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ready(), reason="needs a CUDA device and a CUDA build of torchdrr")
+def test_a_loss_that_cannot_be_captured_falls_back_to_eager_steps() -> None:
+    drr, camera, _ = _small_scene(32)
+    drr = drr.to("cuda")
+    xray = drr(camera, output="line_integral", noisy=False)[0, 0]
+
+    def syncing(fixed, moving, mask):  # .item() reads a value back: not allowed while a graph is captured
+        value = normalized_cross_correlation(fixed, moving, mask)
+        return value + 0.0 * float(value.sum().item())
+
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        result = register(drr, xray, camera, loss=syncing, levels=(1,), iterations=5, cuda_graph=True)
+    assert torch.isfinite(result.offset).all() and result.iterations == 5

@@ -1,5 +1,8 @@
 // Host-side validation of the log-weighted-transmission ops (see spectral.h for why this is not in the .cu file).
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "spectral.h"
@@ -76,11 +79,23 @@ int64_t rays_per_weight_set(const at::Tensor& mass_thickness, const at::Tensor& 
 
 at::Tensor group_starts_tensor(c10::IntArrayRef group_starts, const c10::Device& device) {
   const std::vector<int64_t> values(group_starts.begin(), group_starts.end());
-  at::Tensor host = at::tensor(values, at::TensorOptions().dtype(at::kLong));
-  if (device.is_cpu()) return host;
+  if (device.is_cpu()) return at::tensor(values, at::TensorOptions().dtype(at::kLong));
+  // One device copy per (device, list), made once and kept for the life of the process: the lists are few (one per
+  // energy grid and grouping, a few hundred bytes each), so a render copies nothing, and a CUDA graph that captured
+  // a kernel reading the list stays valid (a per-call copy would be captured reading a host buffer that is then
+  // freed). The map is never destroyed, so that no tensor is freed after CUDA has shut down at exit.
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<int, std::vector<int64_t>>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(device.index()), values);
+  const auto found = cache->find(key);
+  if (found != cache->end()) return found->second;
   // From pinned memory, without blocking: a copy from pageable memory would make the host wait until the GPU has
   // finished all the work queued before it (e.g. the ray cast), which serialised the CPU and the GPU.
-  return host.pin_memory().to(device, /*non_blocking=*/true);
+  at::Tensor host = at::tensor(values, at::TensorOptions().dtype(at::kLong));
+  at::Tensor on_device = host.pin_memory().to(device, /*non_blocking=*/true);
+  cache->emplace(key, on_device);
+  return on_device;
 }
 
 }  // namespace torchdrr

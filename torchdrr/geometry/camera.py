@@ -104,7 +104,8 @@ def pixel_rays(
     u = u.reshape(height, supersample, width, supersample).permute(0, 2, 1, 3).reshape(-1)
     v = v.reshape(height, supersample, width, supersample).permute(0, 2, 1, 3).reshape(-1)
     pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # [H*W*s*s, 3] homogeneous (u, v, 1)
-    k_inv = torch.linalg.inv(intrinsics.to(dtype=dtype, device=device))
+    # inv_ex: no error check, which would make the host wait for the device (K is checked where it is built).
+    k_inv = torch.linalg.inv_ex(intrinsics.to(dtype=dtype, device=device))[0]
     # Points on the detector plane z = SDD in camera coordinates: SDD * K^-1 (u, v, 1).
     camera_points = sdd_mm * (pixels @ k_inv.transpose(-1, -2))
     if camera_points.dim() == 2:

@@ -81,7 +81,7 @@ _AXIS_INDEX = {"X": 0, "Y": 1, "Z": 2}
 # ----------------------------------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, value: object, trailing: tuple[int, ...]) -> Tensor:
+def _check_tensor(name: str, value: object, trailing: tuple[int, ...], check_finite: bool = True) -> Tensor:
     """Raise a ValueError naming ``name`` unless ``value`` is a finite floating tensor ending in ``trailing``."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -90,7 +90,7 @@ def _check_tensor(name: str, value: object, trailing: tuple[int, ...]) -> Tensor
     if value.dim() < len(trailing) or tuple(value.shape[value.dim() - len(trailing) :]) != trailing:
         expected = "[..., " + ", ".join(str(n) for n in trailing) + "]"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
-    if not bool(torch.isfinite(value).all()):
+    if check_finite and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} must be finite, but it holds NaN or infinite values")
     return value
 
@@ -148,9 +148,12 @@ def skew(vector: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------- rotation vector
 
 
-def rotvec_to_matrix(rotvec: Tensor) -> Tensor:
-    """Rodrigues' formula: rotation vector ``[..., 3]`` (axis * angle, rad) -> rotation matrix ``[..., 3, 3]``."""
-    _check_tensor("rotvec", rotvec, (3,))
+def rotvec_to_matrix(rotvec: Tensor, check_finite: bool = True) -> Tensor:
+    """Rodrigues' formula: rotation vector ``[..., 3]`` (axis * angle, rad) -> rotation matrix ``[..., 3, 3]``.
+
+    ``check_finite=False`` skips the finiteness check, which reads a value back from the device (e.g. inside a CUDA
+    graph, for inputs checked beforehand)."""
+    _check_tensor("rotvec", rotvec, (3,), check_finite)
     sinc, one_minus_cos, _ = _rotation_coefficients((rotvec**2).sum(-1))
     cross = skew(rotvec)
     identity = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)

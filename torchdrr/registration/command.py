@@ -88,15 +88,23 @@ def add_register_parser(commands: Any, formatter: type[argparse.HelpFormatter], 
     )  # fmt: skip
 
     search = parser.add_argument_group("optimisation")
-    search.add_argument("--loss", choices=sorted(LOSSES), default="gncc", help="similarity loss")
+    search.add_argument(
+        "--loss", nargs="+", choices=sorted(LOSSES), default=None,
+        help="similarity loss, or one per level (default: gncc on the coarse levels, ncc on the finest)",
+    )  # fmt: skip
     search.add_argument(
         "--levels", nargs="+", type=int, default=None, metavar="BIN",
         help="detector binning factors, coarse to fine (default: down to about 32 pixels, e.g. 4 2 1 for 128^2)",
     )  # fmt: skip
     search.add_argument("--starts", type=int, default=1, help="multi-start: poses tried together on the coarsest level")
     search.add_argument("--optimizer", choices=("adam", "lbfgs"), default="adam", help="optimiser")
-    search.add_argument("--iterations", type=int, default=100, help="maximum steps per level")
-    search.add_argument("--patience", type=int, default=10, help="steps without improvement before a level stops")
+    search.add_argument(
+        "--iterations", type=int, default=None, help="maximum steps per level (default: 100, 60, ..., 40)"
+    )
+    search.add_argument(
+        "--patience", type=int, default=10,
+        help="steps without improvement before a level halves its step size (twice) and then stops",
+    )  # fmt: skip
     search.add_argument("--optimize-intrinsics", action="store_true", help="also fit focal length and principal point")
     search.add_argument("--fit-contrast", action="store_true", help="also fit a contrast exponent of the DRR")
     search.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -204,8 +212,10 @@ def run_register(args: argparse.Namespace) -> dict:
     check_output_path(args.animation, (".gif", ".png"), "--animation")
     if args.loss_curve is not None:
         check_output_path(args.loss_curve, (".png",), "--loss-curve")
+    if args.loss is not None and len(args.loss) > 1 and (args.levels is None or len(args.loss) != len(args.levels)):
+        raise ValueError(f"--loss takes one loss or one per level of --levels, got {len(args.loss)} losses")
     for name in ("starts", "iterations", "patience"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     xray = read_xray(args.xray)
     height, width = xray.pixels.shape
@@ -224,11 +234,12 @@ def run_register(args: argparse.Namespace) -> dict:
     mask = _read_mask(args.mask, height, width) if args.mask is not None else None
     levels = args.levels if args.levels is not None else _default_levels(height, width)
 
+    loss = None if args.loss is None else (args.loss[0] if len(args.loss) == 1 else args.loss)
     progress_bar = None
     if not args.quiet:
         from tqdm import tqdm
 
-        progress_bar = tqdm(total=len(levels) * args.iterations, unit="step", desc="register", file=sys.stderr,
+        progress_bar = tqdm(total=None, unit="step", desc="register", file=sys.stderr,
                             disable=None, leave=False)  # fmt: skip
 
     def progress(level: str, step: int, loss: float) -> None:
@@ -237,7 +248,7 @@ def run_register(args: argparse.Namespace) -> dict:
             progress_bar.update(1)
 
     result = register(
-        drr, xray.pixels, camera, loss=args.loss, mask=mask, xray_kind=kind, levels=levels, starts=args.starts,
+        drr, xray.pixels, camera, loss=loss, mask=mask, xray_kind=kind, levels=levels, starts=args.starts,
         optimizer=args.optimizer, iterations=args.iterations, patience=args.patience,
         optimize_intrinsics=args.optimize_intrinsics, fit_contrast=args.fit_contrast,
         record_every=1, progress=progress,
@@ -259,16 +270,17 @@ def run_register(args: argparse.Namespace) -> dict:
     if args.loss_curve is not None:
         loss_curve_png(result.losses, result.level_ends, args.loss_curve)
     offset = [float(v) for v in result.offset]
+    loss_name = ",".join(args.loss) if args.loss else ",".join(["gncc"] * (len(levels) - 1) + ["ncc"])
     save_geometry(
         args.pose, result.camera, loss=result.loss, seconds=result.seconds, renders=result.renders,
-        iterations=result.iterations, offset_deg_mm=offset, xray=str(args.xray), ct=str(ct_path), loss_name=args.loss,
+        iterations=result.iterations, offset_deg_mm=offset, xray=str(args.xray), ct=str(ct_path), loss_name=loss_name,
     )  # fmt: skip
     summary = {
         "pose": str(args.pose),
         "overlay": str(args.overlay),
         "animation": str(args.animation),
         "loss": result.loss,
-        "loss_name": args.loss,
+        "loss_name": loss_name,
         "seconds": round(result.seconds, 3),
         "renders": result.renders,
         "iterations": result.iterations,
@@ -276,7 +288,7 @@ def run_register(args: argparse.Namespace) -> dict:
         "xray_kind": kind,
         "offset_rotation_deg": offset[:3],
         "offset_translation_mm": offset[3:],
-        "rotation_change_deg": float(rotation_error_deg(result.camera.rotation, camera.rotation)[0]),
+        "rotation_change_deg": float(rotation_error_deg(result.camera.rotation.cpu(), camera.rotation.cpu())[0]),
         "device": str(device),
     }
     if result.intrinsics_offset is not None:

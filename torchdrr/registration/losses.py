@@ -16,9 +16,11 @@ constant image.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,21 @@ _SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
 # ---------------------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------------------
+
+#: Whether the losses read values back to the host to check them (mask range, valid pixels, constant images).
+_HOST_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("torchdrr_loss_host_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_host_checks() -> Iterator[None]:
+    """Within this block the losses skip the checks that read values back to the host (mask weights in [0, 1],
+    at least 2 valid pixels, constant-image warnings), so that a loss can be captured in a CUDA graph and never makes
+    the host wait. Check the inputs once beforehand (``register`` does)."""
+    token = _HOST_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(token)
 
 
 def _validate(fixed: object, moving: object, mask: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,12 +97,13 @@ def _validate(fixed: object, moving: object, mask: object) -> tuple[Tensor, Tens
             raise TypeError(f"mask: expected a bool or floating-point tensor, got {mask.dtype}")
         if mask.is_floating_point():
             m = mask.detach()
-            if bool(((m < 0) | (m > 1) | m.isnan()).any()):
+            if _HOST_CHECKS.get() and bool(((m < 0) | (m > 1) | m.isnan()).any()):
                 raise ValueError(
                     f"mask: expected weights in [0, 1], got values in [{m.min().item()}, {m.max().item()}]"
                 )
         weights = mask.to(moving.dtype).expand(b, 1, h, w)
-    _check_valid_pixels(weights, "mask" if mask is not None else "moving")
+    if _HOST_CHECKS.get():
+        _check_valid_pixels(weights, "mask" if mask is not None else "moving")
     return fixed.expand(b, c, h, w), moving, weights
 
 
@@ -177,7 +195,7 @@ def normalized_cross_correlation(
     _check_eps(eps)
     fixed, moving, w = _validate(fixed, moving, mask)
     r, f_const, m_const = _pearson(fixed, moving, w, eps)
-    _warn_constant([n for n, f in (("fixed", f_const), ("moving", m_const)) if bool(f.any())])
+    _warn_constant([n for n, f in (("fixed", f_const), ("moving", m_const)) if _HOST_CHECKS.get() and bool(f.any())])
     return 1 - r
 
 
@@ -228,7 +246,11 @@ def gradient_ncc(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, eps:
     mx, my = _sobel(moving)
     rx, fx_const, mx_const = _pearson(fx, mx, w, eps)
     ry, fy_const, my_const = _pearson(fy, my, w, eps)
-    names = [n for n, f in (("fixed", fx_const | fy_const), ("moving", mx_const | my_const)) if bool(f.any())]
+    names = [
+        n
+        for n, f in (("fixed", fx_const | fy_const), ("moving", mx_const | my_const))
+        if _HOST_CHECKS.get() and bool(f.any())
+    ]
     _warn_constant(names, what="image gradient", why="no edges")
     return 1 - (rx + ry) / 2
 
@@ -309,7 +331,7 @@ def patch_ncc(
     fixed, moving, w = _validate(fixed, moving, mask)
     _check_patch_size(patch_size, *moving.shape[-2:])
     loss, f_none, m_none = _local_ncc(fixed, moving, w, patch_size, eps)
-    _warn_constant([n for n, f in (("fixed", f_none), ("moving", m_none)) if bool(f.any())])
+    _warn_constant([n for n, f in (("fixed", f_none), ("moving", m_none)) if _HOST_CHECKS.get() and bool(f.any())])
     return loss
 
 
@@ -367,7 +389,7 @@ def multiscale_ncc(
         loss, f, m = _local_ncc(fs, ms, ws, patch_size, eps)
         losses.append(loss)
         f_none, m_none = f_none | f, m_none | m
-    _warn_constant([n for n, f in (("fixed", f_none), ("moving", m_none)) if bool(f.any())])
+    _warn_constant([n for n, f in (("fixed", f_none), ("moving", m_none)) if _HOST_CHECKS.get() and bool(f.any())])
     return torch.stack(losses).mean(0)
 
 
@@ -436,7 +458,7 @@ def mutual_information(
     valid = weights > 0
     fn, f_const = _normalise(fixed.reshape(b, -1), valid)
     mn, m_const = _normalise(moving.reshape(b, -1), valid)
-    _warn_constant([n for n, f in (("fixed", f_const), ("moving", m_const)) if bool(f.any())])
+    _warn_constant([n for n, f in (("fixed", f_const), ("moving", m_const)) if _HOST_CHECKS.get() and bool(f.any())])
 
     centres = torch.linspace(0, 1, bins, dtype=moving.dtype, device=moving.device)
     pf = torch.softmax(-0.5 * ((fn.unsqueeze(-1) - centres) / sigma) ** 2, dim=-1)  # [B, N, bins]

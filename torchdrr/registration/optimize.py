@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ..drr import DRR
 from ..geometry import Camera
-from .losses import get_loss
+from .losses import get_loss, without_host_checks
 from .pose import apply_offset, offset_camera
 
 __all__ = ["XRAY_KINDS", "RegistrationResult", "register", "start_offsets"]
@@ -157,12 +158,45 @@ def _adjusted_intrinsics(intrinsics: Tensor, parameters: Tensor) -> Tensor:
     return torch.stack([row0, row1, intrinsics[2]])
 
 
+#: Eager steps run before a CUDA graph is captured (on a side stream: allocator and kernel warm-up).
+_GRAPH_WARMUP = 2
+
+
+def _capture_step(
+    evaluate: Callable[..., tuple[Tensor, Tensor]], host: list[Tensor], active: list[int], device: torch.device
+) -> tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, Tensor, tuple[Tensor, ...]]]:
+    """A CUDA graph of one step: parameters -> DRRs -> loss -> gradients, replayed on static device tensors.
+
+    A registration step is a few hundred small kernels (pose, rays, ray cast, physics, loss and their backward);
+    launched one by one their host overhead is several times the device time. Returns the graph, the static
+    parameter tensors to copy each step's values into, and the static outputs (loss [S], DRRs, gradients of the
+    ``active`` parameters)."""
+    statics = [h.detach().to(device).requires_grad_(i in active) for i, h in enumerate(host)]
+
+    def step() -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        with without_host_checks():
+            values, moving = evaluate(*statics)
+            gradients = torch.autograd.grad(values.sum(), [statics[i] for i in active])
+        return values.detach(), moving.detach(), gradients
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(_GRAPH_WARMUP):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, statics, outputs
+
+
 def register(
     drr: DRR,
     xray: Tensor,
     initial: Camera,
     *,
-    loss: str | Callable[..., Tensor] = "gncc",
+    loss: str | Callable[..., Tensor] | Sequence[str | Callable[..., Tensor]] | None = None,
     mask: Tensor | None = None,
     xray_kind: str = "line_integral",
     xray_pixel_spacing_mm: Sequence[float] | None = None,
@@ -170,14 +204,16 @@ def register(
     levels: Sequence[int] = (4, 2, 1),
     starts: int | Tensor = 1,
     optimizer: str = "adam",
-    iterations: int | Sequence[int] = 150,
+    iterations: int | Sequence[int] | None = None,
     learning_rate: float | Sequence[float] | None = None,
     scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
     tolerance: float = 1e-4,
-    patience: int = 15,
+    patience: int = 10,
+    plateau_halvings: int = 2,
     optimize_intrinsics: bool = False,
     fit_contrast: bool = False,
     record_every: int = 0,
+    cuda_graph: bool | None = None,
     progress: Callable[[str, int, float], None] | None = None,
 ) -> RegistrationResult:
     """Finds the camera under which ``drr`` best matches ``xray``, starting from ``initial``.
@@ -186,7 +222,9 @@ def register(
         drr: the CT's DRR module (any physics; rendered noise-free as line integrals).
         xray: ``[H, W]`` X-ray on ``initial``'s detector (H x W pixels).
         initial: one camera (its K, detector and SDD are kept unless ``optimize_intrinsics``; R and t are optimised).
-        loss: a name of ``registration.losses.LOSSES`` or a callable ``(fixed, moving, mask) -> [B]``.
+        loss: a name of ``registration.losses.LOSSES`` or a callable ``(fixed, moving, mask) -> [B]``, or one of
+            them per level. Default: gradient NCC on the coarse levels (edges: a wide capture range) and NCC on the
+            finest (it averages the X-ray's noise instead of differentiating it).
         mask: ``[H, W]`` valid pixels of the X-ray (e.g. inside the collimator), bool or weights in [0, 1].
         xray_kind: how ``xray``'s values relate to attenuation (``XRAY_KINDS``).
         xray_pixel_spacing_mm: the X-ray's pixel pitch (row, column) in mm when known (e.g. from DICOM): checked
@@ -196,18 +234,23 @@ def register(
         starts: number of multi-start offsets (``start_offsets``) or an ``[S, 6]`` tensor of them (degrees, mm), on
             the coarsest level.
         optimizer: "adam" or "lbfgs".
-        iterations: maximum steps per level (one number or one per level).
+        iterations: maximum steps per level (one number or one per level; default 100 on the first, 60 on the
+            middle ones, 40 on the last).
         learning_rate: Adam step size per level, in units of ``scales`` (default 2, halved at each finer level; for
             L-BFGS its lr, default 1).
         scales: ``[6]`` degrees / mm per optimiser unit for the three rotations and three translations (per-parameter
             scaling: e.g. a larger depth translation scale when the source distance is poorly known).
         tolerance, patience: a level stops when its best loss has not fallen by ``tolerance`` (relative) for
-            ``patience`` steps.
+            ``patience`` steps...
+        plateau_halvings: ...or, that many times per level, halves its step size and goes on.
         optimize_intrinsics: also fit the focal length (percent) and the principal point (pixels), shared by all
             starts, on top of the pose.
         fit_contrast: also fit a contrast exponent ``gamma`` (the DRR's line integrals are raised to it before the
             loss) for X-rays whose contrast is not an affine map of the DRR's (other spectrum, processing).
-        record_every: keep a DRR of the best pose every that many steps (0: none) for ``frames``.
+        record_every: keep a DRR of the leading start every that many steps (0: none) for ``frames``.
+        cuda_graph: run each level's step (render, loss, gradients) as a captured CUDA graph: the same arithmetic
+            without the host's launch overhead (default: on for a CUDA DRR with Adam; falls back to eager steps with
+            a warning if the loss cannot be captured). The graph's warm-up steps count as renders.
         progress: called as ``progress(level_name, step, loss)`` after every step.
 
     Returns:
@@ -235,7 +278,14 @@ def register(
     for factor in levels:
         if factor < 1 or height % factor or width % factor:
             raise ValueError(f"levels must divide the detector {height} x {width}, got {factor}")
-    loss_fn = get_loss(loss) if isinstance(loss, str) else loss
+    if loss is None:
+        loss = ["gncc"] * (len(levels) - 1) + ["ncc"]
+    named = [loss] if isinstance(loss, str) or callable(loss) else list(loss)
+    if len(named) not in (1, len(levels)):
+        raise ValueError(f"loss must be one loss or one per level ({len(levels)}), got {len(named)}")
+    loss_fns = [get_loss(n) if isinstance(n, str) else n for n in named] * (len(levels) // len(named))
+    if iterations is None:
+        iterations = [100] if len(levels) == 1 else [100] + [60] * (len(levels) - 2) + [40]
     iterations = [int(iterations)] * len(levels) if isinstance(iterations, int) else [int(i) for i in iterations]
     if learning_rate is None:
         learning_rate = [2.0 * 0.5**i for i in range(len(levels))] if optimizer == "adam" else 1.0
@@ -266,82 +316,115 @@ def register(
     camera = initial.to(device=device, dtype=torch.float64)
     _check_source_outside(drr, camera)
     scale = scale.to(device)
+    scale = scale.to(device)
     offsets = start_offsets(int(starts)) if isinstance(starts, int) else starts.detach().to(torch.float64)
     if offsets.dim() != 2 or offsets.shape[1] != 6 or not bool(torch.isfinite(offsets).all()):
         raise ValueError(f"starts must be a count or an [S, 6] tensor of finite offsets, got {tuple(offsets.shape)}")
-    offsets = offsets.to(device).clone()
-    intrinsic_offset = torch.zeros(3, dtype=torch.float64, device=device)  # focal %, principal point (px)
-    contrast = torch.zeros(offsets.shape[0], 1, 1, 1, dtype=torch.float64, device=device)  # log gamma
+    # The optimiser's parameters live on the host (a few numbers per start): Adam and the bookkeeping then launch
+    # nothing on the device, and a CUDA graph of the render can read them from static device copies.
+    offsets = offsets.cpu().clone()
+    intrinsic_offset = torch.zeros(3, dtype=torch.float64)  # focal %, principal point (px)
+    contrast = torch.zeros(offsets.shape[0], 1, 1, 1, dtype=torch.float64)  # log gamma
+    use_graph = (device.type == "cuda" and optimizer == "adam") if cuda_graph is None else bool(cuda_graph)
+    if use_graph and (device.type != "cuda" or optimizer != "adam"):
+        raise ValueError("cuda_graph=True needs a CUDA DRR and optimizer='adam'")
 
     result = RegistrationResult(camera=camera, offset=offsets[0], loss=math.inf)
-    for level, (factor, steps, rate) in enumerate(zip(levels, iterations, rates, strict=True)):
+    for level, (factor, steps, rate, loss_fn) in enumerate(zip(levels, iterations, rates, loss_fns, strict=True)):
         target = _pool(fixed, factor)
         level_mask = None if weights is None else _pool(weights, factor)
-        pose_parameters = (offsets / scale).clone().requires_grad_(True)
-        parameters = [pose_parameters]
-        intrinsic_parameters = intrinsic_offset.clone().requires_grad_(optimize_intrinsics)
-        contrast_parameters = contrast.clone().requires_grad_(fit_contrast)
-        parameters += [intrinsic_parameters] if optimize_intrinsics else []
-        parameters += [contrast_parameters] if fit_contrast else []
+        count = offsets.shape[0]
+        host = [
+            (offsets / scale.cpu()).requires_grad_(True),
+            intrinsic_offset.clone().requires_grad_(optimize_intrinsics),
+            contrast.clone().requires_grad_(fit_contrast),
+        ]
+        active = [0] + ([1] if optimize_intrinsics else []) + ([2] if fit_contrast else [])
 
         def evaluate(
-            pose_parameters: Tensor = pose_parameters, intrinsic_parameters: Tensor = intrinsic_parameters,
-            contrast_parameters: Tensor = contrast_parameters, factor: int = factor, target: Tensor = target,
-            level_mask: Tensor | None = level_mask,
+            pose: Tensor, intrinsic: Tensor, log_gamma: Tensor, factor: int = factor, target: Tensor = target,
+            level_mask: Tensor | None = level_mask, loss_fn: Callable[..., Tensor] = loss_fn,
         ) -> tuple[Tensor, Tensor]:  # fmt: skip
+            """Loss ``[S]`` and DRRs ``[S, 1, h, w]`` at device parameters (no host sync: graph-capturable)."""
             full = camera
             if optimize_intrinsics:
-                full = replace(camera, intrinsics=_adjusted_intrinsics(camera.intrinsics, intrinsic_parameters))
-            cameras = offset_camera(full.binned(factor) if factor > 1 else full, pose_parameters * scale, center)
+                full = replace(camera, intrinsics=_adjusted_intrinsics(camera.intrinsics, intrinsic))
+            level_camera = full.binned(factor) if factor > 1 else full
+            cameras = offset_camera(level_camera, pose * scale, center, check_finite=False)
             moving = drr(cameras, output="line_integral", noisy=False)
             if fit_contrast:
-                moving = moving.clamp_min(0) ** torch.exp(contrast_parameters).to(moving.dtype)
-            result.renders += pose_parameters.shape[0]
+                moving = moving.clamp_min(0) ** torch.exp(log_gamma).to(moving.dtype)
             return loss_fn(target, moving, level_mask), moving
 
+        graph = None
+        if use_graph:
+            try:
+                graph, statics, outputs = _capture_step(evaluate, host, active, device)
+                result.renders += _GRAPH_WARMUP * count
+            except RuntimeError as error:  # e.g. a custom loss that syncs: fall back to eager steps
+                warnings.warn(f"register: the CUDA graph of a step could not be captured ({error}); running the "
+                              "steps eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                use_graph, graph = False, None
+
+        solver_parameters = [host[i] for i in active]
         if optimizer == "adam":
-            solver = torch.optim.Adam(parameters, lr=rate)
+            solver = torch.optim.Adam(solver_parameters, lr=rate)
         else:
-            solver = torch.optim.LBFGS(parameters, lr=rate, max_iter=1, line_search_fn="strong_wolfe")
-        count = pose_parameters.shape[0]
+            solver = torch.optim.LBFGS(solver_parameters, lr=rate, max_iter=1, line_search_fn="strong_wolfe")
+
+        def eager(host: list[Tensor] = host, evaluate: Callable = evaluate) -> tuple[Tensor, Tensor]:
+            return evaluate(*(h.to(device) for h in host))
+
         best = torch.full((count,), math.inf, dtype=torch.float64)
-        best_pose = pose_parameters.detach().clone()
-        best_intrinsics = intrinsic_parameters.detach().clone()
-        best_contrast = contrast_parameters.detach().clone()
-        stale = 0
+        best_values = [h.detach().clone() for h in host]
+        stale = halvings = 0
         for step in range(steps):
-            if optimizer == "adam":
+            evaluated = [h.detach().clone() for h in host]  # the parameters the loss is computed at
+            if graph is not None:
+                with torch.no_grad():
+                    for static, value in zip(statics, host, strict=True):
+                        static.copy_(value)
+                graph.replay()
+                values, moving, gradients = outputs
+                current = values.to("cpu", torch.float64)
+                if bool(torch.isfinite(current).all()):
+                    for index, gradient in zip(active, gradients, strict=True):
+                        host[index].grad = gradient.to("cpu", torch.float64)
+                    solver.step()
+            elif optimizer == "adam":
                 solver.zero_grad()
-                values, moving = evaluate()
-                # the parameters the loss was computed at (before the step)
-                evaluated = [p.detach().clone() for p in (pose_parameters, intrinsic_parameters, contrast_parameters)]
+                values, moving = eager()
                 total = values.sum()
                 if torch.isfinite(total):
                     total.backward()
                     solver.step()
+                current = values.detach().to("cpu", torch.float64)
             else:
 
-                def closure(solver: torch.optim.Optimizer = solver, evaluate: Callable = evaluate) -> Tensor:
+                def closure(
+                    solver: torch.optim.Optimizer = solver, eager: Callable = eager, count: int = count
+                ) -> Tensor:
                     solver.zero_grad()
-                    total = evaluate()[0].sum()
+                    total = eager()[0].sum()
+                    result.renders += count
                     if torch.isfinite(total):
                         total.backward()
                     return total
 
                 solver.step(closure)
+                evaluated = [h.detach().clone() for h in host]
                 with torch.no_grad():
-                    values, moving = evaluate()
-                evaluated = [p.detach().clone() for p in (pose_parameters, intrinsic_parameters, contrast_parameters)]
-            current = values.detach().to("cpu", torch.float64)
+                    values, moving = eager()
+                current = values.detach().to("cpu", torch.float64)
+            result.renders += count
             current = torch.where(torch.isfinite(current), current, torch.full_like(current, math.inf))
             improved = current < best - tolerance * best.abs().clamp_min(1e-3)
             better = current < best
-            better_device = better.to(device)
-            best_pose = torch.where(better_device[:, None], evaluated[0], best_pose)
-            best_contrast = torch.where(better_device[:, None, None, None], evaluated[2], best_contrast)
+            best_values[0] = torch.where(better[:, None], evaluated[0], best_values[0])
+            best_values[2] = torch.where(better[:, None, None, None], evaluated[2], best_values[2])
             winner = int(torch.argmin(torch.minimum(current, best)))
             if bool(better[winner]) and float(current[winner]) <= float(best.min()):
-                best_intrinsics = evaluated[1]  # shared by the starts: kept with the best start's best loss
+                best_values[1] = evaluated[1]  # shared by the starts: kept with the best start's best loss
             best = torch.minimum(current, best)
             stale = 0 if bool(improved.any()) else stale + 1
             result.iterations += 1
@@ -351,13 +434,19 @@ def register(
             if progress is not None:
                 progress(f"level {level + 1}/{len(levels)} (bin {factor})", step, float(best[winner]))
             if stale >= patience:
-                break
-        offsets, contrast, intrinsic_offset = best_pose * scale, best_contrast, best_intrinsics
+                if halvings >= plateau_halvings:
+                    break
+                halvings, stale = halvings + 1, 0  # a plateau: finer steps before giving up
+                for group in solver.param_groups:
+                    group["lr"] *= 0.5
+        del graph
+        offsets, intrinsic_offset, contrast = best_values[0] * scale.cpu(), best_values[1], best_values[2]
         if offsets.shape[0] > 1:  # multi-start: the best start goes on alone
             winner = int(torch.argmin(best))
             offsets, contrast = offsets[winner].unsqueeze(0), contrast[winner].unsqueeze(0)
         result.level_ends.append(len(result.losses))
 
+    offsets, intrinsic_offset, contrast = offsets.to(device), intrinsic_offset.to(device), contrast.to(device)
     final = camera
     if optimize_intrinsics:
         final = replace(camera, intrinsics=_adjusted_intrinsics(camera.intrinsics, intrinsic_offset).detach())
@@ -365,7 +454,7 @@ def register(
         moving = drr(offset_camera(final, offsets, center), output="line_integral", noisy=False)
         if fit_contrast:
             moving = moving.clamp_min(0) ** torch.exp(contrast).to(moving.dtype)
-        values = loss_fn(fixed, moving, weights)
+        values = loss_fns[-1](fixed, moving, weights)
         result.renders += 1
     rotation, translation = apply_offset(final.rotation, final.translation, offsets, center)
     result.camera = Camera(final.intrinsics, rotation.detach(), translation.detach(), height, width, final.sdd_mm)

@@ -25,7 +25,9 @@ from ..geometry.rotations import rotvec_to_matrix
 __all__ = ["apply_offset", "offset_camera"]
 
 
-def apply_offset(rotation: Tensor, translation: Tensor, offset: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+def apply_offset(
+    rotation: Tensor, translation: Tensor, offset: Tensor, center: Tensor, check_finite: bool = True
+) -> tuple[Tensor, Tensor]:
     """Extrinsics after moving the CT by ``offset`` about ``center``.
 
     Args:
@@ -34,6 +36,7 @@ def apply_offset(rotation: Tensor, translation: Tensor, offset: Tensor, center: 
         offset: ``[S, 6]`` (or ``[6]``): rotation vector (degrees, world axes) and translation (mm, world axes) of the
             CT; differentiable.
         center: ``[3]`` world point (mm) the rotation turns about.
+        check_finite: check that the offsets are finite (a device sync; ``register`` checks them itself).
 
     Returns:
         ``R`` ``[S, 3, 3]`` and ``t`` ``[S, 3]`` (broadcast over R0's batch when it has one camera).
@@ -42,14 +45,14 @@ def apply_offset(rotation: Tensor, translation: Tensor, offset: Tensor, center: 
     rotation = rotation.reshape(-1, 3, 3).to(offset)
     translation = translation.reshape(-1, 3).to(offset)
     center = center.to(offset)
-    motion = rotvec_to_matrix(offset[:, :3] * (math.pi / 180.0))  # [S, 3, 3]
+    motion = rotvec_to_matrix(offset[:, :3] * (math.pi / 180.0), check_finite)  # [S, 3, 3]
     moved_center = center + offset[:, 3:] - (motion @ center.unsqueeze(-1)).squeeze(-1)  # c + tau - exp(omega) c
     new_rotation = rotation @ motion
     new_translation = (rotation @ moved_center.unsqueeze(-1)).squeeze(-1) + translation
     return new_rotation, new_translation
 
 
-def offset_camera(camera: Camera, offset: Tensor, center: Tensor) -> Camera:
+def offset_camera(camera: Camera, offset: Tensor, center: Tensor, check_finite: bool = True) -> Camera:
     """``camera`` (one pose) seen after moving the CT by each row of ``offset`` ``[S, 6]``: a Camera of S poses."""
-    rotation, translation = apply_offset(camera.rotation, camera.translation, offset, center)
+    rotation, translation = apply_offset(camera.rotation, camera.translation, offset, center, check_finite)
     return Camera(camera.intrinsics, rotation, translation, camera.height, camera.width, camera.sdd_mm)
