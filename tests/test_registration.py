@@ -159,3 +159,4 @@ def test_a_loss_that_cannot_be_captured_falls_back_to_eager_steps() -> None:
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         result = register(drr, xray, camera, loss=syncing, levels=(1,), iterations=5, cuda_graph=True)
     assert torch.isfinite(result.offset).all() and result.iterations == 5
+    torch.rand(3, device="cuda")  # no capture was started, so the CUDA random generator still works

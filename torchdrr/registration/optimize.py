@@ -181,9 +181,17 @@ def _capture_step(
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(_GRAPH_WARMUP):
-            step()
+    # The warm-up runs with synchronising calls turned into errors: a step that syncs (e.g. a custom loss calling
+    # .item()) is found here, before any capture starts; a capture that fails half-way leaves torch's CUDA random
+    # generator in a state that breaks later random calls.
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        with torch.cuda.stream(side):
+            torch.cuda.set_sync_debug_mode("error")
+            for _ in range(_GRAPH_WARMUP):
+                step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -249,8 +257,9 @@ def register(
             loss) for X-rays whose contrast is not an affine map of the DRR's (other spectrum, processing).
         record_every: keep a DRR of the leading start every that many steps (0: none) for ``frames``.
         cuda_graph: run each level's step (render, loss, gradients) as a captured CUDA graph: the same arithmetic
-            without the host's launch overhead (default: on for a CUDA DRR with Adam; falls back to eager steps with
-            a warning if the loss cannot be captured). The graph's warm-up steps count as renders.
+            without the host's launch overhead (default: on for a CUDA DRR with Adam and built-in losses; a step
+            that synchronises with the host, e.g. a custom loss calling ``.item()``, is detected before capture and
+            runs eagerly, with a warning). The graph's warm-up steps count as renders.
         progress: called as ``progress(level_name, step, loss)`` after every step.
 
     Returns:
@@ -325,7 +334,9 @@ def register(
     offsets = offsets.cpu().clone()
     intrinsic_offset = torch.zeros(3, dtype=torch.float64)  # focal %, principal point (px)
     contrast = torch.zeros(offsets.shape[0], 1, 1, 1, dtype=torch.float64)  # log gamma
-    use_graph = (device.type == "cuda" and optimizer == "adam") if cuda_graph is None else bool(cuda_graph)
+    built_in = all(isinstance(n, str) for n in named)
+    auto_graph = device.type == "cuda" and optimizer == "adam" and built_in  # custom losses may sync: eager
+    use_graph = auto_graph if cuda_graph is None else bool(cuda_graph)
     if use_graph and (device.type != "cuda" or optimizer != "adam"):
         raise ValueError("cuda_graph=True needs a CUDA DRR and optimizer='adam'")
 
