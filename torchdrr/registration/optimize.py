@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -373,8 +375,10 @@ def register(
                 graph, statics, outputs = _capture_step(evaluate, host, active, device)
                 result.renders += _GRAPH_WARMUP * count
             except RuntimeError as error:  # e.g. a custom loss that syncs: fall back to eager steps
-                warnings.warn(f"register: the CUDA graph of a step could not be captured ({error}); running the "
-                              "steps eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                frames = traceback.extract_tb(error.__traceback__)
+                where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+                warnings.warn(f"register: the CUDA graph of a step could not be captured ({error}{where}); running "
+                              "the steps eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                 use_graph, graph = False, None
 
         solver_parameters = [host[i] for i in active]
