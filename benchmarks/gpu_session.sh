@@ -62,7 +62,7 @@ if [ "${REGISTRATION:-1}" = 1 ]; then  # 2D/3D registration benchmark, with the 
     peers=(--peers --peers-python python3)
   fi
   python3 benchmarks/registration.py --device cuda --cases "${REG_CASES:-50}" --size "${REG_SIZE:-256}" "${peers[@]}" \
-    --out "$OUT/registration.json" > "$OUT/registration.log" 2>&1
+    --out "$OUT/registration.json" ${REG_ARGS:-} > "$OUT/registration.log" 2>&1
   echo "registration bench rc=$?"; sed -n '/^| method/,$p' "$OUT/registration.log"
 fi
 

@@ -60,7 +60,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_cases(volume: Volume, count: int, size: int, seed: int, device: torch.device) -> list[dict]:
+def make_cases(
+    volume: Volume, count: int, size: int, seed: int, device: torch.device, rotation_deg: float = 10.0,
+    translation_mm: float = 20.0,
+) -> list[dict]:  # fmt: skip
     """Targets (true cameras, noisy X-rays with other physics) and perturbed starts, from one seeded stream."""
     generator = torch.Generator().manual_seed(seed)
     center = volume_center(volume.affine, volume.data.shape)
@@ -80,7 +83,7 @@ def make_cases(volume: Volume, count: int, size: int, seed: int, device: torch.d
         )  # fmt: skip
         shift = torch.cat([torch.zeros(3, dtype=torch.float64), uniform(-10, 10, 3)])
         true_camera = offset_camera(base, shift[None], center)
-        perturbation = torch.cat([uniform(-10, 10, 3), uniform(-20, 20, 3)])
+        perturbation = torch.cat([uniform(-rotation_deg, rotation_deg, 3), uniform(-translation_mm, translation_mm, 3)])
         start_camera = offset_camera(true_camera, perturbation[None], center)
         kvp = TARGET_SPECTRA[index % len(TARGET_SPECTRA)]
         noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="detector pixels (square), field 373 mm")
     parser.add_argument("--ct", type=Path, default=None, help="CT (default: the full chest CT when present)")
     parser.add_argument("--seed", type=int, default=20261124, help="seed of the cases' random stream")
+    parser.add_argument("--rotation-deg", type=float, default=10.0, help="start perturbation: ± degrees per axis")
+    parser.add_argument("--translation-mm", type=float, default=20.0, help="start perturbation: ± mm per axis")
     parser.add_argument("--success-mm", type=float, default=1.0, help="success threshold on the final mTRE (mm)")
     parser.add_argument("--peers", action="store_true", help="also run nanodrr / DiffDRR registration")
     parser.add_argument("--peer-list", default="nanodrr,diffdrr", help="which peers (comma-separated)")
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     volume = Volume.load(ct_path, fix_padding=True)
     print(f"CT {ct_path.name} {tuple(volume.data.shape)}, detector {args.size}^2, {args.cases} cases on {device}",
           file=sys.stderr)  # fmt: skip
-    cases = make_cases(volume, args.cases, args.size, args.seed, device)
+    cases = make_cases(volume, args.cases, args.size, args.seed, device, args.rotation_deg, args.translation_mm)
     model = DRR(volume, spectrum=MODEL_SPECTRUM).to(device)
     settings = registration_settings(args.size)
     overrides = {
@@ -283,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(sys.argv),
         "ct": str(ct_path),
         "size": args.size,
+        "perturbation": {"rotation_deg": args.rotation_deg, "translation_mm": args.translation_mm},
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
         "summaries": summaries,
         "torchdrr": rows,

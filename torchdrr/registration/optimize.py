@@ -342,6 +342,10 @@ def register(
     if use_graph and (device.type != "cuda" or optimizer != "adam"):
         raise ValueError("cuda_graph=True needs a CUDA DRR and optimizer='adam'")
 
+    if use_graph:
+        with torch.no_grad():
+            drr.material_volume()  # built (and cached) before capture: segmenting the CT may read values back
+
     result = RegistrationResult(camera=camera, offset=offsets[0], loss=math.inf)
     for level, (factor, steps, rate, loss_fn) in enumerate(zip(levels, iterations, rates, loss_fns, strict=True)):
         target = _pool(fixed, factor)
