@@ -92,3 +92,16 @@ def test_a_constant_image_and_a_detector_mismatch_are_refused(xray_case: Path, t
     status = main(["register", str(small), "--initial", str(xray_case / "truth.npz"), "--quiet"])
     assert status == 2
     assert "is a 64 x 64 detector but the X-ray is 32 x 48 pixels" in capsys.readouterr().err
+
+
+def test_a_dicom_whose_pitch_differs_from_the_camera_is_refused(xray_case: Path, tmp_path: Path, capsys) -> None:
+    from tests.test_xray_io import _write_dicom
+
+    image = np.load(xray_case / "truth.npz")["image"][0, 0]
+    stored = np.clip(image / image.max() * 4000, 1, 4095).astype(np.uint16)
+    dicom = _write_dicom(tmp_path / "xray.dcm", stored, ImagerPixelSpacing=[0.5, 0.5])
+    status = main(["register", str(dicom), "--angles", "0", "0", "--pixel-spacing", "5.8", "5.8", "--quiet",
+                   "--pose", str(tmp_path / "p.npz")])  # fmt: skip
+    assert status == 2
+    assert "pixel spacing (0.5, 0.5) mm (row, column) does not match the camera's (5.8" in capsys.readouterr().err
+    assert not (tmp_path / "p.npz").exists()

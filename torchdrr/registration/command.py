@@ -200,7 +200,7 @@ def run_register(args: argparse.Namespace) -> dict:
     from ..drr import DRR
     from ..io import Volume, bundled_ct_path
     from ..io.writers import check_output_path, save_geometry
-    from ..io.xray import check_xray_against_camera, read_xray, xray_kind_auto
+    from ..io.xray import read_xray, xray_kind_auto
     from .metrics import rotation_error_deg
     from .optimize import register
     from .report import comparison_figure, loss_curve_png, save_optimisation_animation, save_overlay_png
@@ -228,9 +228,6 @@ def run_register(args: argparse.Namespace) -> dict:
     volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
     drr = DRR(volume).to(device)
     camera = _initial_camera(args, height, width, spacing, drr.volume_center.cpu())
-    intrinsics = camera.intrinsics
-    camera_spacing = (camera.sdd_mm / abs(float(intrinsics[1, 1])), camera.sdd_mm / abs(float(intrinsics[0, 0])))
-    check_xray_against_camera(xray, camera.height, camera.width, camera_spacing)
     mask = _read_mask(args.mask, height, width) if args.mask is not None else None
     levels = args.levels if args.levels is not None else _default_levels(height, width)
 
@@ -248,8 +245,8 @@ def run_register(args: argparse.Namespace) -> dict:
             progress_bar.update(1)
 
     result = register(
-        drr, xray.pixels, camera, loss=loss, mask=mask, xray_kind=kind, levels=levels, starts=args.starts,
-        optimizer=args.optimizer, iterations=args.iterations, patience=args.patience,
+        drr, xray.pixels, camera, loss=loss, mask=mask, xray_kind=kind, xray_pixel_spacing_mm=xray.pixel_spacing_mm,
+        levels=levels, starts=args.starts, optimizer=args.optimizer, iterations=args.iterations, patience=args.patience,
         optimize_intrinsics=args.optimize_intrinsics, fit_contrast=args.fit_contrast,
         record_every=1, progress=progress,
     )  # fmt: skip
