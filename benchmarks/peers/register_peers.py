@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -58,28 +57,11 @@ import tempfile
 import time
 import traceback
 import types
-import warnings
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STUBS = HERE / "stubs"
 FORMAT = "torchdrr-peer-registration/1"
 CONVERGED_NCC = 0.999  # both tutorials stop once the NCC exceeds this
-
-
-def _install_simpleitk_stub() -> list[str]:
-    """The SimpleITK stand-in (``stubs/SimpleITK``), only where the real one is missing (as in run_peers.py):
-    torchio imports SimpleITK at import time and reads NIfTI with NiBabel when SimpleITK's reader raises."""
-    force = os.environ.get("PEERS_FORCE_SIMPLEITK_STUB") == "1"
-    if not force and importlib.util.find_spec("SimpleITK") is not None:
-        return []
-    if force:
-        sys.path.insert(0, str(STUBS))
-    else:
-        sys.path.append(str(STUBS))  # after site-packages: a real SimpleITK always wins
-    warnings.filterwarnings("ignore", message="Error loading image with SimpleITK")
-    return ["SimpleITK"]
 
 
 def _unavailable(qualname: str):
@@ -119,7 +101,9 @@ def _ensure_module(module: str, names: tuple[str, ...]) -> bool:
     return True
 
 
-STUBS_USED = _install_simpleitk_stub()
+sys.path.insert(0, str(HERE))
+from run_peers import STUBS_USED, _sync, _version  # noqa: E402  (run_peers installs the SimpleITK stand-in)
+
 # Fallback package folders (peerlib/fallback of pack_for_device.sh) go after site-packages: installed copies win.
 for _extra in filter(None, os.environ.get("PEERS_EXTRA_PATH", "").split(os.pathsep)):
     if _extra not in sys.path:
@@ -127,18 +111,6 @@ for _extra in filter(None, os.environ.get("PEERS_EXTRA_PATH", "").split(os.paths
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _str(value) -> str:
