@@ -7,8 +7,12 @@ degrees and mm) so that a similarity loss between the X-ray and the DRR falls:
    its mask average-pooled to match; each level starts from the previous level's pose.
 2. Multi-start on the coarsest level: ``starts`` offsets around the initial pose are optimised together, as one
    batch of cameras (one ray-cast call per step for all of them); the best one goes on to the finer levels.
-3. Each level runs Adam (or L-BFGS) until the loss has not improved by ``tolerance`` (relative) for ``patience``
-   steps, or ``iterations`` steps.
+3. Each level runs Adam (or L-BFGS); when the loss has not improved by ``tolerance`` (relative) for ``patience``
+   steps it halves the step size (``plateau_halvings`` times) and then stops, or after ``iterations`` steps. The
+   best pose seen is kept.
+4. On CUDA each level's step (pose, rays, ray cast, physics, loss, gradients) is captured once as a CUDA graph and
+   replayed: a step is a few hundred small kernels whose launch overhead would otherwise dominate. The optimiser's
+   parameters and Adam stay on the host.
 
 The DRR is rendered without noise, as line integrals (``-log(I / I0)``: bright where the body attenuates); the X-ray
 is brought to the same sense (``xray_kind``). The losses of ``registration.losses`` are invariant to an affine (NCC
