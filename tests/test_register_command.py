@@ -103,5 +103,5 @@ def test_a_dicom_whose_pitch_differs_from_the_camera_is_refused(xray_case: Path,
     status = main(["register", str(dicom), "--angles", "0", "0", "--pixel-spacing", "5.8", "5.8", "--quiet",
                    "--pose", str(tmp_path / "p.npz")])  # fmt: skip
     assert status == 2
-    assert "pixel spacing (0.5, 0.5) mm (row, column) does not match the camera's (5.8" in capsys.readouterr().err
+    assert "has pixel spacing 0.5 x 0.5 mm (row, column) but the camera's is 5.8 x 5.8 mm" in capsys.readouterr().err
     assert not (tmp_path / "p.npz").exists()

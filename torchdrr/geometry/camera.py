@@ -224,6 +224,13 @@ class Camera:
     def batch_size(self) -> int:
         return self.rotation.shape[0]
 
+    @property
+    def pixel_spacing_mm(self) -> tuple[float, float]:
+        """The detector's pixel pitch ``(row, column)`` in mm, from K and the SDD (``fv = SDD / row pitch``,
+        ``|fu| = SDD / column pitch``)."""
+        intrinsics = self.intrinsics.detach().to("cpu", torch.float64)
+        return (float(self.sdd_mm) / abs(float(intrinsics[1, 1])), float(self.sdd_mm) / abs(float(intrinsics[0, 0])))
+
     def projection_matrix(self) -> Tensor:
         """``[B, 3, 4]`` P = K [R | t]."""
         return projection_matrix(self.intrinsics.to(self.rotation), self.rotation, self.translation)

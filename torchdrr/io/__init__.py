@@ -4,7 +4,7 @@ from .dicom import read_dicom_file, read_dicom_series
 from .errors import VolumeFormatError
 from .nrrd import read_nrrd
 from .volume import HUReport, Volume, bundled_ct_path, check_hu, crop, load_nifti, resample, volume_center
-from .xray import XRAY_SUFFIXES, XRayImage, check_xray_against_camera, read_xray, xray_kind_auto
+from .xray import XRAY_SUFFIXES, XRayImage, check_pixel_spacing, check_xray_against_camera, read_xray, xray_kind_auto
 
 __all__ = [
     "HUReport",
@@ -14,6 +14,7 @@ __all__ = [
     "VolumeFormatError",
     "bundled_ct_path",
     "check_hu",
+    "check_pixel_spacing",
     "check_xray_against_camera",
     "crop",
     "load_nifti",

@@ -225,8 +225,7 @@ def save_geometry(path: str | Path, camera: Any, image: Tensor | np.ndarray | No
     translation = camera.translation.detach().to("cpu", torch.float64)
     projection = camera.projection_matrix().detach().to("cpu", torch.float64)
     sdd = float(camera.sdd_mm)
-    # K = [[-+sdd / col pitch, 0, cx], [0, sdd / row pitch, cy], [0, 0, 1]] (a negative fu mirrors the image).
-    spacing = [sdd / abs(float(intrinsics[1, 1])), sdd / abs(float(intrinsics[0, 0]))]
+    spacing = list(camera.pixel_spacing_mm)
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         spacing = [math.nan, math.nan]
     record: dict[str, Any] = {

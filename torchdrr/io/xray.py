@@ -42,6 +42,7 @@ holds whichever ``--output`` was asked for, by default line integrals.)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,17 +51,18 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .writers import PNG_SUFFIXES, TIFF_SUFFIXES
+
 __all__ = [
     "DICOM_SUFFIXES",
     "XRAY_SUFFIXES",
     "XRayImage",
+    "check_pixel_spacing",
     "check_xray_against_camera",
     "read_xray",
     "xray_kind_auto",
 ]
 
-PNG_SUFFIXES = (".png",)
-TIFF_SUFFIXES = (".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NPY_SUFFIXES = (".npy",)
 #: Every suffix :func:`read_xray` reads (case-insensitive); a file with no suffix is read as DICOM when it is one.
@@ -470,12 +472,23 @@ def check_xray_against_camera(
             f"X-ray {image.source} is {actual[0]} x {actual[1]} pixels (rows x columns) but the camera's detector is "
             f"{int(height)} x {int(width)}{hint}"
         )
-    if pixel_spacing_mm is None or image.pixel_spacing_mm is None:
+    check_pixel_spacing(image.pixel_spacing_mm, pixel_spacing_mm, rtol, f"X-ray {image.source}")
+
+
+def check_pixel_spacing(
+    actual: Sequence[float] | None, expected: Sequence[float] | None, rtol: float = 0.02, what: str = "the X-ray"
+) -> None:
+    """Checks an X-ray's pixel pitch ``actual`` against a camera's ``expected``, both ``(row, column)`` in mm.
+
+    Nothing is checked when either is None (unknown). Raises ValueError naming both when ``actual`` is not two
+    numbers or one of them differs by more than ``rtol`` (relative)."""
+    if actual is None or expected is None:
         return
-    expected = (float(pixel_spacing_mm[0]), float(pixel_spacing_mm[1]))
-    got = image.pixel_spacing_mm
-    if any(abs(g - e) > rtol * abs(e) for g, e in zip(got, expected, strict=True)):
+    got = tuple(float(a) for a in actual)
+    want = (float(expected[0]), float(expected[1]))
+    if len(got) != 2 or any(abs(g - e) > rtol * abs(e) for g, e in zip(got, want, strict=True)):
+        shown = " x ".join(f"{g:g}" for g in got)
         raise ValueError(
-            f"X-ray {image.source} has pixel spacing {got[0]:g} x {got[1]:g} mm (row, column) but the camera's is "
-            f"{expected[0]:g} x {expected[1]:g} mm (more than {100 * rtol:g} % apart)"
+            f"{what} has pixel spacing {shown} mm (row, column) but the camera's is {want[0]:.4g} x {want[1]:.4g} mm "
+            f"(more than {100 * rtol:g} % apart; the camera's comes from K and the SDD)"
         )

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..drr import DRR
 from ..geometry import Camera
+from ..io.xray import check_pixel_spacing
 from .losses import get_loss, without_host_checks
 from .pose import apply_offset, offset_camera
 
@@ -126,20 +127,6 @@ def _check_source_outside(drr: DRR, camera: Camera) -> None:
             f"the initial pose puts the X-ray source inside the CT (source at {source.tolist()} mm, voxel index "
             f"{[round(float(i), 1) for i in index]} of a {tuple(drr.volume_shape)} volume); check the pose's "
             "translation (the source should be hundreds of mm from the patient)"
-        )
-
-
-def _check_pixel_spacing(camera: Camera, pixel_spacing_mm: Sequence[float] | None, rtol: float = 0.02) -> None:
-    """The X-ray's pixel pitch (row, column; mm) must be the camera's, which K and the SDD define."""
-    if pixel_spacing_mm is None:
-        return
-    intrinsics = camera.intrinsics.detach().to("cpu", torch.float64)
-    expected = (camera.sdd_mm / abs(float(intrinsics[1, 1])), camera.sdd_mm / abs(float(intrinsics[0, 0])))
-    actual = tuple(float(s) for s in pixel_spacing_mm)
-    if len(actual) != 2 or not all(math.isclose(a, e, rel_tol=rtol) for a, e in zip(actual, expected, strict=True)):
-        raise ValueError(
-            f"the X-ray's pixel spacing {actual} mm (row, column) does not match the camera's "
-            f"({expected[0]:.4g}, {expected[1]:.4g}) mm (from K and the SDD); pass a camera of the X-ray's detector"
         )
 
 
@@ -289,7 +276,7 @@ def register(
         raise ValueError(
             f"xray is {tuple(fixed.shape[-2:])} pixels but the camera's detector is {(height, width)} (H, W)"
         )
-    _check_pixel_spacing(initial, xray_pixel_spacing_mm)
+    check_pixel_spacing(xray_pixel_spacing_mm, initial.pixel_spacing_mm)
     for factor in levels:
         if factor < 1 or height % factor or width % factor:
             raise ValueError(f"levels must divide the detector {height} x {width}, got {factor}")
