@@ -202,7 +202,7 @@ def run_register(args: argparse.Namespace) -> dict:
     from ..io.writers import check_output_path, save_geometry
     from ..io.xray import read_xray, xray_kind_auto
     from .metrics import rotation_error_deg
-    from .optimize import register
+    from .optimize import _prepare_xray, register
     from .report import comparison_figure, loss_curve_png, save_optimisation_animation, save_overlay_png
 
     device = _device(args.device)
@@ -256,11 +256,7 @@ def run_register(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         before = drr(camera.to(device), output="line_integral", noisy=False)[0, 0].cpu()
         after = drr(result.camera.to(device), output="line_integral", noisy=False)[0, 0].cpu()
-    fixed = xray.pixels
-    if kind == "intensity":
-        fixed = -torch.log(fixed.clamp_min(float(fixed[fixed > 0].min())) / fixed.max())
-    elif kind == "display":
-        fixed = fixed.max() - fixed
+    fixed = _prepare_xray(xray.pixels, kind)[0, 0]  # as register() saw it: bright where the body attenuates
     picture = comparison_figure(fixed, before, after, mask=mask)
     save_overlay_png(picture, args.overlay)
     save_optimisation_animation(result.frames, fixed, args.animation, losses=result.losses)
