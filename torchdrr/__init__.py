@@ -8,8 +8,20 @@ __version__ = "0.1.0"
 
 from ._extension import build_info
 from .drr import DRR
+from .errors import FileFormatError, MemoryBudgetError, VolumeFormatError, XRayFormatError
 from .geometry import Camera
 from .io import Volume
 from .ops import raycast
 
-__all__ = ["DRR", "Camera", "Volume", "__version__", "build_info", "raycast"]
+__all__ = [
+    "DRR",
+    "Camera",
+    "FileFormatError",
+    "MemoryBudgetError",
+    "Volume",
+    "VolumeFormatError",
+    "XRayFormatError",
+    "__version__",
+    "build_info",
+    "raycast",
+]

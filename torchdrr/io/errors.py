@@ -1,12 +1,7 @@
-"""The error raised for unreadable or inconsistent CT files."""
+"""The errors raised for unreadable or inconsistent files (defined in :mod:`torchdrr.errors`, re-exported here)."""
 
 from __future__ import annotations
 
-__all__ = ["VolumeFormatError"]
+from ..errors import FileFormatError, VolumeFormatError, XRayFormatError
 
-
-class VolumeFormatError(ValueError):
-    """A CT file, folder or array could not be turned into a volume: the message names the source and the problem.
-
-    Subclasses ``ValueError`` so callers that caught ``ValueError`` from the older ``load_nifti`` keep working.
-    """
+__all__ = ["FileFormatError", "VolumeFormatError", "XRayFormatError"]
