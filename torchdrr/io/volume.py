@@ -6,6 +6,7 @@ frame). Voxel ``(i, j, k)``'s centre is at ``affine @ (i, j, k, 1)``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,13 +21,17 @@ from torch import Tensor
 from .errors import VolumeFormatError
 
 __all__ = [
+    "MAX_DEFLATE_RATIO",
+    "MAX_STORED_BYTES",
     "HUReport",
     "Volume",
     "VolumeFormatError",
     "bundled_ct_path",
+    "check_claimed_size",
     "check_hu",
     "crop",
     "load_nifti",
+    "require_finite",
     "resample",
     "volume_center",
 ]
@@ -42,34 +47,142 @@ def bundled_ct_path() -> Path:
     return Path(str(resources.files("torchdrr.assets").joinpath("chest_ct_small.nii.gz")))
 
 
-def _validated_affine(affine: np.ndarray, source: str) -> np.ndarray:
-    """Checks an affine is ``[4, 4]``, finite, invertible, with a ``[0, 0, 0, 1]`` last row; returns it as float64."""
+# A deflate stream expands at most about 1032-fold, so a gzip file of n bytes cannot hold more than this many times n
+# bytes of voxels: a header claiming more is lying, and is refused before any allocation.
+MAX_DEFLATE_RATIO = 1032
+# Ceiling for data whose size cannot be bounded by the file's (bzip2 streams): 2^36 bytes (64 GiB) of stored voxels
+# is beyond any CT a workstation can render.
+MAX_STORED_BYTES = 1 << 36
+
+
+def _validated_affine(affine: np.ndarray, source: str, path: str | Path | None = None) -> np.ndarray:
+    """Checks an affine is ``[4, 4]``, finite, invertible, with a ``[0, 0, 0, 1]`` last row; returns it as float64.
+
+    ``source`` names the data in messages; ``path`` (the file, if any) goes into the error's ``path``.
+    """
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
-        raise VolumeFormatError(f"{source}: affine must be 4 x 4, got shape {affine.shape}")
+        raise VolumeFormatError(f"{source}: affine must be 4 x 4, got shape {affine.shape}", path)
     if not np.all(np.isfinite(affine)):
-        raise VolumeFormatError(f"{source}: affine has non-finite entries:\n{affine}")
+        raise VolumeFormatError(f"{source}: affine has non-finite entries:\n{affine}", path)
     if not np.allclose(affine[3], [0.0, 0.0, 0.0, 1.0]):
-        raise VolumeFormatError(f"{source}: affine's last row must be [0, 0, 0, 1], got {affine[3]}")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        raise VolumeFormatError(f"{source}: affine's last row must be [0, 0, 0, 1], got {affine[3]}", path)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is judged below, not warned about
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        determinant = np.linalg.det(affine[:3, :3])
+        scale = np.prod(spacing)
+    if not (np.all(np.isfinite(spacing)) and np.isfinite(determinant) and np.isfinite(scale)):
+        raise VolumeFormatError(f"{source}: affine's voxel spacing overflows (absurdly large entries):\n{affine}", path)
     # Relative test: a volume with 1e-3 mm voxels is fine, one whose axes are (nearly) parallel is not.
-    if np.any(spacing <= 0) or abs(np.linalg.det(affine[:3, :3])) <= 1e-9 * np.prod(spacing):
-        raise VolumeFormatError(f"{source}: affine is singular (zero spacing or parallel axes):\n{affine}")
+    if np.any(spacing <= 0) or abs(determinant) <= 1e-9 * scale:
+        raise VolumeFormatError(f"{source}: affine is singular (zero spacing or parallel axes):\n{affine}", path)
     return affine
+
+
+def require_finite(data: np.ndarray, path: str | Path) -> np.ndarray:
+    """Refuses voxel values that are NaN or infinite (after the file's scaling): a CT holds none, and the renderer
+    would refuse them later with less context. Returns ``data`` unchanged.
+
+    Raises:
+        VolumeFormatError: giving the count and the way to load such data deliberately.
+    """
+    finite = np.isfinite(data)
+    if not finite.all():
+        count = int(finite.size - np.count_nonzero(finite))
+        raise VolumeFormatError(
+            f"{count} of {data.size} voxels are not finite (NaN or +-Inf after the file's scaling); a CT holds no "
+            "such values. If they only mark missing data, read the array yourself and wrap it with "
+            "Volume.from_array(torch.nan_to_num(data, nan=-1000.0), affine=...)",
+            path,
+        )
+    return data
+
+
+def check_claimed_size(
+    claimed_bytes: int,
+    available_bytes: int,
+    encoding: str,
+    path: str | Path,
+    what: str,
+    where: str = "follow the header",
+) -> None:
+    """Refuses a header whose data could not fit in the file, before anything is allocated or decompressed.
+
+    Args:
+        claimed_bytes: bytes of stored voxels the header announces.
+        available_bytes: bytes of the file (or data file) that can hold them.
+        encoding: ``"raw"`` (needs ``available >= claimed``), ``"gzip"`` (deflate expands at most
+            ``MAX_DEFLATE_RATIO``-fold) or anything else compressed (only the ``MAX_STORED_BYTES`` ceiling applies).
+        path: the file, for the error.
+        what: how the header describes the data (sizes and type), for the message.
+        where: where the available bytes are, for the message (e.g. ``"are in data file volume.raw"``).
+
+    Raises:
+        VolumeFormatError: the claim is impossible for this file.
+    """
+    if claimed_bytes > MAX_STORED_BYTES:
+        raise VolumeFormatError(
+            f"header claims {what} = {claimed_bytes} bytes of voxel data, more than the {MAX_STORED_BYTES} bytes "
+            "any CT plausibly holds (damaged header?)",
+            path,
+        )
+    if encoding == "raw" and claimed_bytes > available_bytes:
+        raise VolumeFormatError(
+            f"header claims {what} = {claimed_bytes} bytes of voxel data, but only {available_bytes} bytes "
+            f"{where} (truncated file or wrong header?)",
+            path,
+        )
+    if encoding == "gzip" and claimed_bytes > MAX_DEFLATE_RATIO * available_bytes + 1024:
+        raise VolumeFormatError(
+            f"header claims {what} = {claimed_bytes} bytes of voxel data, but {available_bytes} gzip-compressed "
+            f"bytes can hold at most {MAX_DEFLATE_RATIO * available_bytes} (damaged header?)",
+            path,
+        )
+
+
+def _nifti_dims(header: object, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The data shape and on-disk dtype a NIfTI header announces, checked for sense (3D, positive sizes)."""
+    try:
+        shape = tuple(int(n) for n in header.get_data_shape())  # type: ignore[attr-defined]
+        dtype = np.dtype(header.get_data_dtype())  # type: ignore[attr-defined]
+    except Exception as error:  # nibabel raises HeaderDataError, KeyError, ... for nonsense dim/datatype fields
+        raise VolumeFormatError(f"invalid NIfTI dim/datatype fields: {error}", path) from error
+    # Trailing singleton axes (dim[0] = 4 with dim[4] = 1, as some tools write) still make a 3D volume.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise VolumeFormatError(f"must hold a 3D volume, but its header's dim field gives shape {shape}", path)
+    if min(shape) < 1:
+        raise VolumeFormatError(f"header's dim field gives shape {shape}; every size must be at least 1", path)
+    return shape, dtype
 
 
 def _read_nifti_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """NIfTI -> (``[I, J, K]`` float32 data after the header's scaling, ``[4, 4]`` float64 RAS+ affine)."""
+    gz = path.name.lower().endswith(".gz")
     try:
-        image = nib.load(str(path))
-        if len(image.shape) != 3:
-            raise VolumeFormatError(f"{path} must hold a 3D volume, got shape {image.shape}")
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-    except VolumeFormatError:
-        raise
-    except Exception as error:  # nibabel raises several types for unreadable or truncated files
-        raise VolumeFormatError(f"could not read {path} as NIfTI: {error}") from error
-    return np.ascontiguousarray(data), _validated_affine(image.affine, str(path))
+        image = nib.load(str(path))  # reads only the header; the data stays on disk until get_fdata
+    except Exception as error:  # nibabel raises several types for unreadable, truncated or foreign files
+        raise VolumeFormatError(f"could not read as NIfTI: {type(error).__name__}: {error}", path) from error
+    shape, dtype = _nifti_dims(image.header, path)
+    offset = image.header.get_data_offset()
+    claimed = math.prod(shape) * dtype.itemsize  # Python ints: NIfTI-2 dims are int64, their product can overflow
+    what = f"{' x '.join(map(str, shape))} voxels of {dtype}"
+    if not np.isfinite(offset) or offset < 0:
+        raise VolumeFormatError(f"header's vox_offset {offset} is not a valid byte offset", path)
+    available = path.stat().st_size - (0 if gz else int(offset))
+    check_claimed_size(claimed, available, "gzip" if gz else "raw", path, what)
+    try:
+        with warnings.catch_warnings():
+            # int data times a huge scl_slope overflows to inf; require_finite reports that with a count
+            warnings.filterwarnings("ignore", category=RuntimeWarning)
+            data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape)
+        affine = image.affine
+    except Exception as error:  # truncated data, undecodable datatypes, corrupt gzip streams, ...
+        raise VolumeFormatError(f"could not read the NIfTI data: {type(error).__name__}: {error}", path) from error
+    if affine is None:
+        raise VolumeFormatError("NIfTI header gives no affine (qform and sform unusable)", path)
+    return np.ascontiguousarray(require_finite(data, path)), _validated_affine(affine, str(path), path)
 
 
 def load_nifti(path: str | Path) -> tuple[Tensor, Tensor]:
@@ -83,7 +196,8 @@ def load_nifti(path: str | Path) -> tuple[Tensor, Tensor]:
         data array, and ``affine`` ``[4, 4]`` float64, voxel index -> world mm (RAS+, NIfTI's frame).
 
     Raises:
-        FileNotFoundError: no such file. VolumeFormatError (a ``ValueError``): unreadable, not 3D, or bad affine.
+        FileNotFoundError: no such file. VolumeFormatError (a ``ValueError``): unreadable, not 3D, header sizes the
+            file cannot hold, non-finite voxel values, or bad affine.
     """
     path = Path(path)
     if not path.is_file():
@@ -244,7 +358,8 @@ class Volume:
             check: warn (``UserWarning``) about padding or offset problems that were not fixed.
 
         Raises:
-            FileNotFoundError: no such path. VolumeFormatError: the file or folder cannot be read as a CT volume.
+            FileNotFoundError: no such path. VolumeFormatError: the file or folder cannot be read as a CT volume
+                (damaged, inconsistent header, data the file cannot hold, or NaN/Inf voxel values); it names the file.
         """
         from .dicom import read_dicom_file, read_dicom_series
         from .nrrd import read_nrrd
@@ -261,7 +376,8 @@ class Volume:
             data, affine = read_nrrd(path)
         else:
             data, affine = read_dicom_file(path, resample=resample)
-        volume = cls(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), affine, source=str(path))
+        data = require_finite(np.ascontiguousarray(data, dtype=np.float32), path)
+        volume = cls(torch.from_numpy(data), _validated_affine(affine, str(path), path), source=str(path))
         if fix_padding:
             volume = volume.with_padding_fixed()
         if fix_offset:
