@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import textwrap
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = ["main"]
 
@@ -380,6 +383,7 @@ def _output_files(paths: list[Path], views: int) -> list[tuple[Path, str, int | 
             targets = [(path.with_name(f"{path.stem}_{i:03d}{path.suffix}"), i) for i in range(views)]
         for target, view in targets:
             check_output_path(target, _ALL_SUFFIXES)
+            _check_writable(target, "--out")
             files.append((target, kind, view))
     seen: set[Path] = set()
     for target, _, _ in files:
@@ -388,6 +392,78 @@ def _output_files(paths: list[Path], views: int) -> list[tuple[Path, str, int | 
             raise ValueError(f"--out would write {target} twice")
         seen.add(key)
     return files
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Raises PermissionError when the folder of ``path`` (which exists) cannot be written, before any work is done."""
+    folder = path.parent
+    if not os.access(folder if str(folder) else Path("."), os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path}: the folder {folder} is not writable")
+
+
+_DECODER_MODULES = ("nibabel", "pydicom", "nrrd", "PIL", "tifffile", "zlib", "gzip", "h5py")
+
+
+@contextlib.contextmanager
+def _reading(option: str, path: Path) -> Iterator[None]:
+    """Makes every error met while reading the user's file ``path`` a user error that names the file.
+
+    The loaders raise torchdrr.errors.FileFormatError (which names the file); this also covers a decoder library's
+    own exception types (EOFError, nibabel's ImageFileError, ...) that a corrupt file can raise from deep inside it, so
+    that a bad file never reads as a bug of torchdrr.
+    """
+    from .errors import FileFormatError
+
+    try:
+        yield
+    except FileFormatError:
+        raise
+    except (ValueError, OSError, EOFError) as error:
+        if str(path) in str(error) or path.name in str(error):
+            raise
+        raise FileFormatError(f"{option} {path}: {error}", path) from error
+    except Exception as error:
+        module = type(error).__module__.split(".")[0]
+        if module not in _DECODER_MODULES:
+            raise
+        raise FileFormatError(f"{option} {path}: cannot read it: {type(error).__name__}: {error}", path) from error
+
+
+class _StagedOutputs:
+    """Output files written under temporary names next to their destinations and renamed into place together.
+
+    Used as a context manager: ``path(destination)`` gives the name to write to, ``commit()`` renames every file into
+    place once all are written. Whatever ends the block early (an error, Ctrl-C), the temporary files are removed,
+    so that an interrupted command leaves neither half-written files nor only some of its outputs.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[Path, Path]] = []
+
+    def path(self, destination: Path) -> Path:
+        """The temporary name to write ``destination`` under (same folder and suffix: writers check the suffix)."""
+        temporary = destination.with_name(f".{destination.stem}.{os.getpid()}.partial{destination.suffix}")
+        self._pairs.append((temporary, destination))
+        return temporary
+
+    def commit(self) -> None:
+        """Renames every file into place; if one rename fails, the ones already renamed are removed again."""
+        renamed: list[Path] = []
+        try:
+            for temporary, destination in self._pairs:
+                os.replace(temporary, destination)
+                renamed.append(destination)
+        except BaseException:
+            for destination in renamed:
+                destination.unlink(missing_ok=True)
+            raise
+
+    def __enter__(self) -> _StagedOutputs:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for temporary, _ in self._pairs:
+            temporary.unlink(missing_ok=True)
 
 
 def _device(text: str):
@@ -406,6 +482,12 @@ def _device(text: str):
             raise ValueError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        from ._extension import has_cuda_kernels
+
+        # Checked here, not at the first render: the CT would be loaded for nothing.
+        if not has_cuda_kernels():
+            raise ValueError(f"--device {text}: this torchdrr build has no CUDA kernels (use --device cpu, or "
+                             "reinstall torchdrr on a machine with a CUDA torch and nvcc)")  # fmt: skip
     return device
 
 
@@ -551,7 +633,8 @@ def _render(args: argparse.Namespace) -> None:
     device = job.device
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
     # Scanner padding outside the reconstruction circle is air (design.md §4).
-    volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
+    with _reading("--ct", Path(ct_path)):
+        volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
     affine64 = volume.affine.to(torch.float64)
     isocenter = volume.center  # cameras are built on the CPU; the DRR moves them to its device
     rows, cols = args.size
@@ -619,13 +702,11 @@ def _render(args: argparse.Namespace) -> None:
         li = torch.cat(line_integrals)
         pictures = display_image(li.mean(1))  # [B, H, W]; several photon-counting bins: their mean line integral
     # Every file is first written under a temporary name next to its destination; only when all are written are
-    # they renamed into place, so a failure leaves none of them behind.
-    staged: list[tuple[Path, Path]] = []
+    # they renamed into place, so a failure (or Ctrl-C) leaves none of them behind.
     lines: list[str] = []
-    try:
+    with _StagedOutputs() as staged:
         for path, kind, view in job.files:
-            temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-            staged.append((temporary, path))
+            temporary = staged.path(path)
             label = job.poses[view][2] if view is not None else f"{n} view{'s' if n != 1 else ''}"
             if kind == "png":
                 save_png(pictures[view], temporary, bit_depth=args.bit_depth)
@@ -639,12 +720,7 @@ def _render(args: argparse.Namespace) -> None:
                 save_geometry(temporary, cameras(0, n), images, **_metadata(args, job, ct_path))
                 detail = f"geometry K, R, t, P and {job.output} images {list(images.shape)}, {label}"
             lines.append(f"wrote {path} ({detail})")
-        for temporary, path in staged:
-            os.replace(temporary, path)
-    finally:
-        for temporary, _ in staged:
-            if temporary.exists():
-                temporary.unlink()
+        staged.commit()
     for line in lines:
         print(line)
 
@@ -713,10 +789,17 @@ def _sketch(args: argparse.Namespace) -> None:
 
     from .geometry.sketch import sketch_carm_scene
     from .io import Volume, bundled_ct_path
+    from .io.writers import check_output_path
     from .render import save_png
 
+    # The output and the angles are checked before the CT is loaded: a typo must not cost the load.
+    check_output_path(args.out, (".png",), "--out")
+    _check_writable(args.out, "--out")
+    if args.angles is not None and not all(math.isfinite(a) for a in args.angles):
+        raise ValueError("--angles must be finite numbers of degrees")
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
-    volume = Volume.load(ct_path, check=False)
+    with _reading("--ct", Path(ct_path)):
+        volume = Volume.load(ct_path, check=False)
     primary, secondary, label = _angles(args)
     picture = sketch_carm_scene(
         tuple(volume.shape),
@@ -896,6 +979,17 @@ def _load_landmarks(path: Path):
     return torch.from_numpy(points)
 
 
+def _remove_if_no_samples(folder: Path) -> None:
+    """Removes ``folder`` if the only file in it is a dataset's config.json (empty sub-folders aside)."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    files = [path for path in folder.rglob("*") if not path.is_dir()]
+    if all(path == folder / "config.json" for path in files):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from .data import DRRDataset, PhysicsDistribution, PoseDistribution
     from .data.generate import generate_dataset
@@ -934,6 +1028,8 @@ def _generate(args: argparse.Namespace) -> None:
         for field, flag in names.items():
             message = message.replace(field, flag)
         raise ValueError(message) from None
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"OUT_DIR {args.out_dir} is a file, not a folder")
     cts = list(args.ct) if args.ct is not None else None
     for ct in cts or []:
         if not ct.exists():
@@ -962,14 +1058,24 @@ def _generate(args: argparse.Namespace) -> None:
         output=args.output,
         device=device,
     )
-    summary = generate_dataset(
-        args.out_dir,
-        dataset,
-        image_format=args.format,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        shard_size=args.shard_size,
-    )
+    created = not args.out_dir.exists()
+    try:
+        summary = generate_dataset(
+            args.out_dir,
+            dataset,
+            image_format=args.format,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            shard_size=args.shard_size,
+        )
+    except BaseException:
+        # A CT is read only once rendering starts, after config.json (with the CTs' hashes) is written: a bad CT
+        # would leave a folder that a corrected rerun refuses as a different dataset. Remove what this run created,
+        # but only while it holds no sample (an interrupted long run must stay resumable) and only on a single rank
+        # (other ranks may still be writing).
+        if created and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            _remove_if_no_samples(args.out_dir)
+        raise
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = summary["out_dir"]
@@ -990,27 +1096,132 @@ def _generate(args: argparse.Namespace) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 success, 2 user error, 1 unexpected failure)."""
-    args = _parser().parse_args(argv)
+_MAX_MESSAGE = 600  # characters of an error message shown; the rest is cut (a printed tensor can be huge)
+
+_MEMORY_HINTS = {
+    "render": "try a smaller --batch-size or detector (--size), or --device cpu",
+    "generate": "try a smaller --batch-size or detector (--size), or --device cpu",
+    "register": "try a smaller X-ray (bin it), fewer --starts or --device cpu",
+    "sketch": "try a smaller CT",
+}
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: its lines joined (a message may print a matrix over several), cut to a sane length."""
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if len(line) > _MAX_MESSAGE:
+        line = line[: _MAX_MESSAGE - 5].rstrip() + " ..."
+    return line
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """True for torch's out-of-memory errors (CUDA or CPU allocator) and Python's MemoryError."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)  # torch's CPU allocator
+
+
+def _user_error_message(error: BaseException, command: str | None) -> str | None:
+    """The one-line message of a user error (bad input, missing file, no memory), or None for a bug.
+
+    User errors are what the user can fix: ValueError (torchdrr's FileFormatError, MemoryBudgetError and
+    DatasetError among them), TypeError from a bad value, OSError (a missing or unwritable file), a missing optional
+    package, and running out of memory (with a hint on what to make smaller).
+    """
+    from .errors import MemoryBudgetError
+
+    hint = _MEMORY_HINTS.get(command or "", "try a smaller problem")
+    if _is_out_of_memory(error):
+        first = _one_line(str(error)).split(". ")[0] or type(error).__name__
+        return f"out of memory: {first}; {hint}"
+    if isinstance(error, MemoryBudgetError):
+        return f"{_one_line(str(error))}; {hint}"
+    if isinstance(error, ImportError) and not (error.name or "").startswith("torchdrr"):
+        return _one_line(str(error))  # an optional package that is not installed
+    if isinstance(error, (ValueError, TypeError, OSError)):
+        message = _one_line(str(error))
+        if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+            message = f"{error.filename}: {message}"
+        return message or type(error).__name__
+    return None
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the command line: one line, ``torchdrr: warning: ...``, no source location."""
+    stream = file if file is not None else sys.stderr
     try:
-        if args.command == "render":
-            _render(args)
-        elif args.command == "sketch":
-            _sketch(args)
-        elif args.command == "generate":
-            _generate(args)
-        elif args.command == "register":
-            from .registration.command import run_register
+        stream.write(f"torchdrr: warning: {_one_line(str(message))}\n")
+    except OSError:  # stderr closed: a warning must not turn into an error
+        pass
 
-            run_register(args)
-        elif args.command == "info":
-            from . import build_info
 
-            print(json.dumps(build_info(), indent=2))
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
-        if args.debug:
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "render":
+        _render(args)
+    elif args.command == "sketch":
+        _sketch(args)
+    elif args.command == "generate":
+        _generate(args)
+    elif args.command == "register":
+        from .registration.command import run_register
+
+        run_register(args)
+    elif args.command == "info":
+        from . import build_info
+
+        print(json.dumps(build_info(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status.
+
+    0: success. 2: a user error (bad option, unreadable file, out of memory), reported on one line,
+    ``torchdrr: error: ...``. 1: an internal error (a bug), reported on one line that names its type. 130: Ctrl-C.
+    ``--debug`` (before or after the command) lets every exception through with its full traceback, and leaves
+    Python's warnings in their usual form; otherwise a warning prints as one line, ``torchdrr: warning: ...``.
+    argparse's own usage errors exit through SystemExit (status 2, one line; see _Parser).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Known for sure only once parsed; until then (building the parser imports torch) trust a plain look.
+    debug = "--debug" in argv
+    command: str | None = None
+    previous_showwarning = warnings.showwarning
+    # Restored on the way out: tests, and programs that embed the command line, call main() in-process.
+    if not debug:
+        warnings.showwarning = _show_warning
+    try:
+        args = _parser().parse_args(argv)
+        debug, command = bool(args.debug), args.command
+        warnings.showwarning = previous_showwarning if debug else _show_warning
+        _run(args)
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"torchdrr: error: {error}", file=sys.stderr)
-        return 2
+        print("torchdrr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        message = _user_error_message(error, command)
+        if message is not None:
+            print(f"torchdrr: error: {message}", file=sys.stderr)
+            return 2
+        detail = _one_line(str(error))
+        what = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+        print(
+            f"torchdrr: internal error: {what} (run with --debug for the traceback; please report it)", file=sys.stderr
+        )
+        return 1
+    finally:
+        warnings.showwarning = previous_showwarning
     return 0

@@ -120,44 +120,66 @@ def add_register_parser(commands: Any, formatter: type[argparse.HelpFormatter], 
     outputs.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _initial_camera(args: argparse.Namespace, height: int, width: int, spacing: tuple[float, float] | None, center):
-    """The initial Camera from --initial, or --angles/--view with the detector of the X-ray."""
+def _initial_from_file(args: argparse.Namespace, height: int, width: int):
+    """The initial Camera of --initial (checked against the X-ray's size), or None when the pose is given by angles.
+
+    Needs no CT, so that a bad --initial is reported before the CT is loaded.
+    """
     import numpy as np
     import torch
 
     from ..geometry import Camera
 
-    if args.initial is not None:
-        if not args.initial.is_file():
-            raise FileNotFoundError(f"--initial {args.initial}: no such file")
+    if args.initial is None:
+        return None
+    if not args.initial.is_file():
+        raise FileNotFoundError(f"--initial {args.initial}: no such file")
+    try:
         if args.initial.suffix.lower() == ".npz":
             with np.load(args.initial) as data:
                 record = {key: data[key] for key in ("K", "R", "t", "height", "width", "sdd_mm") if key in data}
         else:
             record = torch.load(args.initial, weights_only=True)
-        missing = [key for key in ("K", "R", "t", "height", "width", "sdd_mm") if key not in record]
-        if missing:
-            raise ValueError(f"--initial {args.initial}: not a torchdrr geometry file (missing {', '.join(missing)})")
-        rotation = torch.as_tensor(np.asarray(record["R"]), dtype=torch.float64).reshape(-1, 3, 3)[:1]
-        translation = torch.as_tensor(np.asarray(record["t"]), dtype=torch.float64).reshape(-1, 3)[:1]
-        intrinsics = torch.as_tensor(np.asarray(record["K"]), dtype=torch.float64).reshape(3, 3)
-        size = (int(record["height"]), int(record["width"]))
-        if size != (height, width):
-            raise ValueError(f"--initial {args.initial} is a {size[0]} x {size[1]} detector but the X-ray is "
-                             f"{height} x {width} pixels")  # fmt: skip
-        return Camera(intrinsics, rotation, translation, height, width, float(record["sdd_mm"]))
+    except (ValueError, OSError, EOFError, RuntimeError, KeyError) as error:
+        # np.load and torch.load raise all of these for a file that is not what its suffix says.
+        raise ValueError(f"--initial {args.initial}: not a readable .npz/.pt geometry file ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"--initial {args.initial}: not a torchdrr geometry file (not a dictionary)")
+    missing = [key for key in ("K", "R", "t", "height", "width", "sdd_mm") if key not in record]
+    if missing:
+        raise ValueError(f"--initial {args.initial}: not a torchdrr geometry file (missing {', '.join(missing)})")
+    rotation = torch.as_tensor(np.asarray(record["R"]), dtype=torch.float64).reshape(-1, 3, 3)[:1]
+    translation = torch.as_tensor(np.asarray(record["t"]), dtype=torch.float64).reshape(-1, 3)[:1]
+    intrinsics = torch.as_tensor(np.asarray(record["K"]), dtype=torch.float64).reshape(3, 3)
+    size = (int(record["height"]), int(record["width"]))
+    if size != (height, width):
+        raise ValueError(f"--initial {args.initial} is a {size[0]} x {size[1]} detector but the X-ray is "
+                         f"{height} x {width} pixels ({args.xray})")  # fmt: skip
+    return Camera(intrinsics, rotation, translation, height, width, float(record["sdd_mm"]))
+
+
+def _check_angles_pose(args: argparse.Namespace, spacing: tuple[float, float] | None) -> None:
+    """Checks the options of a pose given by angles (--angles/--view, --sod, --sdd, --pixel-spacing)."""
     if spacing is None:
         raise ValueError(
-            "--pixel-spacing is required: the X-ray file does not record its pixel pitch (give ROW_MM COL_MM)"
+            f"--pixel-spacing is required: the X-ray {args.xray} does not record its pixel pitch (give ROW_MM COL_MM)"
         )
     if not (math.isfinite(args.sod) and math.isfinite(args.sdd) and 0 < args.sod < args.sdd):
         raise ValueError(f"--sod ({args.sod:g} mm) must be positive and less than --sdd ({args.sdd:g} mm)")
+    if args.angles is not None and not all(math.isfinite(a) for a in args.angles):
+        raise ValueError("--angles must be finite numbers of degrees")
+
+
+def _initial_camera(args: argparse.Namespace, height: int, width: int, spacing: tuple[float, float], center):
+    """The initial Camera from --angles/--view about ``center`` with the detector of the X-ray."""
+    import torch
+
+    from ..cli import _VIEW_ALIASES
+    from ..geometry import NAMED_VIEWS, Camera
+
     if args.angles is not None:
         primary, secondary = args.angles
     else:
-        from ..cli import _VIEW_ALIASES
-        from ..geometry import NAMED_VIEWS
-
         primary, secondary = NAMED_VIEWS[_VIEW_ALIASES[args.view or "pa"]]
     return Camera.from_carm(
         torch.tensor([float(primary)], dtype=torch.float64), float(secondary), center, sod_mm=args.sod,
@@ -170,10 +192,15 @@ def _read_mask(path: Path, height: int, width: int):
 
     from ..io.xray import read_xray
 
+    if not path.is_file():
+        raise FileNotFoundError(f"--mask {path}: no such file")
     if path.suffix.lower() == ".npy":
         import numpy as np
 
-        values = torch.as_tensor(np.load(path)).to(torch.float64)
+        try:
+            values = torch.as_tensor(np.load(path, allow_pickle=False)).to(torch.float64)
+        except (ValueError, OSError, EOFError, TypeError) as error:
+            raise ValueError(f"--mask {path}: not a readable .npy array ({error})") from None
     else:
         try:
             values = read_xray(path).pixels
@@ -196,7 +223,7 @@ def run_register(args: argparse.Namespace) -> dict:
     """Runs ``torchdrr register``; returns (and prints as JSON) the summary."""
     import torch
 
-    from ..cli import _device
+    from ..cli import _check_writable, _device, _reading, _StagedOutputs
     from ..drr import DRR
     from ..io import Volume, bundled_ct_path
     from ..io.writers import check_output_path, save_geometry
@@ -207,28 +234,43 @@ def run_register(args: argparse.Namespace) -> dict:
 
     device = _device(args.device)
     # Check every output path before the work starts: a bad path must not cost a registration.
-    check_output_path(args.pose, (".npz", ".pt"), "--pose")
-    check_output_path(args.overlay, (".png",), "--overlay")
-    check_output_path(args.animation, (".gif", ".png"), "--animation")
+    outputs = [(args.pose, (".npz", ".pt"), "--pose"), (args.overlay, (".png",), "--overlay"),
+               (args.animation, (".gif", ".png"), "--animation")]  # fmt: skip
     if args.loss_curve is not None:
-        check_output_path(args.loss_curve, (".png",), "--loss-curve")
+        outputs.append((args.loss_curve, (".png",), "--loss-curve"))
+    for path, suffixes, option in outputs:
+        check_output_path(path, suffixes, option)
+        _check_writable(path, option)
+    if len({path.resolve() for path, _, _ in outputs}) != len(outputs):
+        raise ValueError("--pose, --overlay, --animation and --loss-curve must name different files")
     if args.loss is not None and len(args.loss) > 1 and (args.levels is None or len(args.loss) != len(args.levels)):
         raise ValueError(f"--loss takes one loss or one per level of --levels, got {len(args.loss)} losses")
     for name in ("starts", "iterations", "patience"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    xray = read_xray(args.xray)
-    height, width = xray.pixels.shape
-    spacing = tuple(args.pixel_spacing) if args.pixel_spacing is not None else xray.pixel_spacing_mm
     if args.pixel_spacing is not None and not all(math.isfinite(s) and s > 0 for s in args.pixel_spacing):
         raise ValueError(f"--pixel-spacing must be two positive pitches in mm, got {args.pixel_spacing}")
+    if args.levels is not None and any(level < 1 for level in args.levels):
+        raise ValueError(f"--levels must be binning factors >= 1, got {' '.join(map(str, args.levels))}")
+    # Everything that does not need the CT is read and checked before it is loaded.
+    with _reading("X-ray", args.xray):
+        xray = read_xray(args.xray)
+    height, width = xray.pixels.shape
+    spacing = tuple(args.pixel_spacing) if args.pixel_spacing is not None else xray.pixel_spacing_mm
     kind = xray_kind_auto(xray) if args.xray_kind == "auto" else args.xray_kind
+    initial = _initial_from_file(args, height, width)
+    if initial is None:
+        _check_angles_pose(args, spacing)
+    mask = None
+    if args.mask is not None:
+        with _reading("--mask", args.mask):
+            mask = _read_mask(args.mask, height, width)
 
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
-    volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
+    with _reading("--ct", Path(ct_path)):
+        volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)
     drr = DRR(volume).to(device)
-    camera = _initial_camera(args, height, width, spacing, drr.volume_center.cpu())
-    mask = _read_mask(args.mask, height, width) if args.mask is not None else None
+    camera = initial if initial is not None else _initial_camera(args, height, width, spacing, drr.volume_center.cpu())
     levels = args.levels if args.levels is not None else _default_levels(height, width)
 
     loss = None if args.loss is None else (args.loss[0] if len(args.loss) == 1 else args.loss)
@@ -244,30 +286,37 @@ def run_register(args: argparse.Namespace) -> dict:
             progress_bar.set_postfix_str(f"{level}, loss {loss:.4f}", refresh=False)
             progress_bar.update(1)
 
-    result = register(
-        drr, xray.pixels, camera, loss=loss, mask=mask, xray_kind=kind, xray_pixel_spacing_mm=xray.pixel_spacing_mm,
-        levels=levels, starts=args.starts, optimizer=args.optimizer, iterations=args.iterations, patience=args.patience,
-        optimize_intrinsics=args.optimize_intrinsics, fit_contrast=args.fit_contrast,
-        record_every=1, progress=progress,
-    )  # fmt: skip
-    if progress_bar is not None:
-        progress_bar.close()
+    try:
+        result = register(
+            drr, xray.pixels, camera, loss=loss, mask=mask, xray_kind=kind,
+            xray_pixel_spacing_mm=xray.pixel_spacing_mm, levels=levels, starts=args.starts, optimizer=args.optimizer,
+            iterations=args.iterations, patience=args.patience, optimize_intrinsics=args.optimize_intrinsics,
+            fit_contrast=args.fit_contrast, record_every=1, progress=progress,
+        )  # fmt: skip
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()  # also on Ctrl-C: the one-line message must not land inside a half-drawn bar
 
     with torch.no_grad():
         before = drr(camera.to(device), output="line_integral", noisy=False)[0, 0].cpu()
         after = drr(result.camera.to(device), output="line_integral", noisy=False)[0, 0].cpu()
     fixed = _prepare_xray(xray.pixels, kind)[0, 0]  # as register() saw it: bright where the body attenuates
     picture = comparison_figure(fixed, before, after, mask=mask)
-    save_overlay_png(picture, args.overlay)
-    save_optimisation_animation(result.frames, fixed, args.animation, losses=result.losses)
-    if args.loss_curve is not None:
-        loss_curve_png(result.losses, result.level_ends, args.loss_curve)
     offset = [float(v) for v in result.offset]
     loss_name = ",".join(args.loss) if args.loss else ",".join(["gncc"] * (len(levels) - 1) + ["ncc"])
-    save_geometry(
-        args.pose, result.camera, loss=result.loss, seconds=result.seconds, renders=result.renders,
-        iterations=result.iterations, offset_deg_mm=offset, xray=str(args.xray), ct=str(ct_path), loss_name=loss_name,
-    )  # fmt: skip
+    # The outputs are written under temporary names and renamed into place together: an error or Ctrl-C while
+    # writing leaves none of them (not an overlay without its pose).
+    with _StagedOutputs() as staged:
+        save_overlay_png(picture, staged.path(args.overlay))
+        save_optimisation_animation(result.frames, fixed, staged.path(args.animation), losses=result.losses)
+        if args.loss_curve is not None:
+            loss_curve_png(result.losses, result.level_ends, staged.path(args.loss_curve))
+        save_geometry(
+            staged.path(args.pose), result.camera, loss=result.loss, seconds=result.seconds, renders=result.renders,
+            iterations=result.iterations, offset_deg_mm=offset, xray=str(args.xray), ct=str(ct_path),
+            loss_name=loss_name,
+        )  # fmt: skip
+        staged.commit()
     summary = {
         "pose": str(args.pose),
         "overlay": str(args.overlay),
