@@ -18,6 +18,7 @@ segmentation thresholds and the spectrum weights (``learn_spectrum=True``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from .geometry import Camera
 from .io import Volume, volume_center
+from .memory import AUTO_BUDGET_FRACTION, RenderPlan, available_bytes, plan_chunks
 from .ops import log_weighted_transmission, raycast
 from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
 from .physics.density import check_density
@@ -111,6 +113,40 @@ def _check_finite_volume(values: Tensor, name: str) -> None:
         )
 
 
+def _check_budget(budget: int | None) -> int | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget <= 0:
+        raise ValueError(f"memory_budget_bytes must be a positive whole number of bytes or None, got {budget!r}")
+    return int(budget)
+
+
+# Per-ray memory model of ``DRR.memory_plan``, in words of the module's dtype (a word: 4 bytes for float32). Terms
+# are the per-energy-group log transmissions (rows x groups); channels (4 or 8) are added where the padded material
+# volume's channels are. Measured: see benchmarks/memory.py and benchmarks/RESULTS.md.
+TRANSIENT_WORDS_PER_RAY = 14  # ray endpoints and their intermediates, line integrals, per-pixel physics
+TRANSIENT_WORDS_PER_TERM = 3  # log terms, the falloff-shifted copy, the noise draw's expected counts
+SUPERSAMPLE_WORDS_PER_RAY = 8  # with s > 1: per-sub-ray falloff and the log-mean-exp over each pixel's sub-rays
+OUTPUT_COPIES = 2  # the output per pixel and channel, and its last intermediate
+SAVED_WORDS_PER_RAY = 12  # with gradients: ray endpoints and integrals autograd saves
+SAVED_WORDS_PER_TERM = 2  # with gradients: the log terms autograd saves
+
+#: Renders estimated below this (bytes) skip the automatic budget: asking the device what it can spare costs a driver
+#: call per render, and such a render fits any device torchdrr runs on.
+AUTO_BUDGET_CHECK_BYTES = 256 * 2**20
+
+
+def _place(result: Tensor | None, piece: Tensor, shape: tuple[int, ...], images: slice, rows: slice | None) -> Tensor:
+    """Writes one chunk of a render into the full result (allocated on the first chunk, in the piece's dtype)."""
+    if result is None:
+        result = piece.new_empty(shape)
+    if rows is None:
+        result[images] = piece
+    else:
+        result[images, :, rows] = piece
+    return result
+
+
 class DRR(nn.Module):
     """A calibrated, differentiable X-ray of a CT.
 
@@ -143,6 +179,11 @@ class DRR(nn.Module):
         step: trilinear step in mm.
         supersample: ``s x s`` rays per pixel; intensities (not line integrals) are averaged.
         dtype: float32 (default, fast) or float64 (gradient checks) for the volume and the rays.
+        memory_budget_bytes: the most memory (bytes) one ``forward`` call may allocate beyond the resident volume.
+            A render that would need more runs in chunks of images or detector rows (same expected values; noise
+            is drawn per chunk) or is refused with ``MemoryBudgetError`` before allocating. Default None: 80 % of
+            what the device can spare at the time of the call, checked only for renders estimated above
+            ``AUTO_BUDGET_CHECK_BYTES`` (so that small renders never query the device).
     """
 
     def __init__(
@@ -165,6 +206,7 @@ class DRR(nn.Module):
         step: float | None = None,
         supersample: int = 1,
         dtype: torch.dtype = torch.float32,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         super().__init__()
         if dtype not in (torch.float32, torch.float64):
@@ -270,6 +312,7 @@ class DRR(nn.Module):
         if isinstance(supersample, bool) or int(supersample) != supersample or supersample < 1:
             raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")
         self.supersample = int(supersample)
+        self.memory_budget_bytes = _check_budget(memory_budget_bytes)
         self._cache: tuple[tuple, Tensor] | None = None
         self._mean_energy_cache: tuple[tuple, float] | None = None
 
@@ -309,16 +352,20 @@ class DRR(nn.Module):
         """``[3]`` world point (mm, float64, CPU) at the centre of the volume's outer box: the default isocenter."""
         return volume_center(self.affine, self.volume_shape)
 
-    def material_volume(self) -> Tensor:
-        """The per-material densities the rays integrate: ``[C, I, J, K]`` g/cm^3, channels-last, padded to C = 4 or
-        8 channels for vector loads (``C >= M``, the extra channels zero). Cached while the volume and segmentation
-        are unchanged and need no gradient."""
+    def _volume_state(self) -> tuple[bool, tuple]:
+        """Whether the material volume needs gradients now, and the key of the state it is built from."""
         source = self.hu if self.hu is not None else self.densities
         state = [source, *(self.segmentation.parameters() if self.segmentation is not None else ())]
         if self.segmentation is not None:
             state += list(self.segmentation.buffers())
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in state)
-        key = tuple((id(t), t._version, t.device, t.dtype) for t in state)
+        return needs_grad, tuple((id(t), t._version, t.device, t.dtype) for t in state)
+
+    def material_volume(self) -> Tensor:
+        """The per-material densities the rays integrate: ``[C, I, J, K]`` g/cm^3, channels-last, padded to C = 4 or
+        8 channels for vector loads (``C >= M``, the extra channels zero). Cached while the volume and segmentation
+        are unchanged and need no gradient."""
+        needs_grad, key = self._volume_state()
         if not needs_grad and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         if self.hu is not None:
@@ -402,6 +449,7 @@ class DRR(nn.Module):
         output: str | None = None,
         generator: torch.Generator | None = None,
         noisy: bool | None = None,
+        memory_budget_bytes: int | None = None,
     ) -> Tensor:
         """Renders the X-ray images seen by a batch of cameras.
 
@@ -412,13 +460,145 @@ class DRR(nn.Module):
                 ([0, 1], bright = attenuating). Default: the module's ``output``.
             generator: random source of the noise (seed it for reproducible images).
             noisy: draw noise (default: when the module has a noise model); False gives expected values.
+            memory_budget_bytes: this call's memory budget (default: the module's ``memory_budget_bytes``). A render
+                over budget runs in chunks (see ``memory_plan``).
 
         Returns:
             ``[B, K, H, W]`` in the module's dtype, K = 1 for an energy-integrating detector or the number of
             photon-counting bins.
+
+        Raises:
+            MemoryBudgetError: the render does not fit the budget even in chunks (nothing was allocated).
         """
-        integrals = self.material_line_integrals(camera)  # [B, R, M]
-        return self.detect(integrals, camera, output=output, generator=generator, noisy=noisy)
+        plan = self.memory_plan(camera, output=output, noisy=noisy, memory_budget_bytes=memory_budget_bytes)
+        if plan.whole:
+            integrals = self.material_line_integrals(camera)  # [B, R, M]
+            return self.detect(integrals, camera, output=output, generator=generator, noisy=noisy)
+        return self._render_chunks(camera, plan, output, generator, noisy)
+
+    def memory_plan(
+        self,
+        camera: Camera,
+        output: str | None = None,
+        noisy: bool | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> RenderPlan:
+        """How ``forward`` would split this render to fit the memory budget (nothing is rendered).
+
+        The estimate counts, per ray, the memory of one chunk in flight (ray endpoints, line integrals, the
+        per-energy-group terms of the spectrum and the detector) and the memory that stays for the call (the output
+        and, when gradients are needed, the tensors autograd saves), plus the material volume when it is not cached.
+        Its constants were measured (peak RSS on the CPU, peak allocated memory on CUDA; benchmarks/RESULTS.md).
+
+        Args:
+            camera: the cameras to render.
+            output, noisy: as in ``forward``.
+            memory_budget_bytes: as in ``forward``.
+
+        Returns:
+            The :class:`~torchdrr.memory.RenderPlan`.
+
+        Raises:
+            MemoryBudgetError: the render does not fit even in chunks of one image (or one detector row).
+        """
+        if not isinstance(camera, Camera):
+            raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
+        output = self._check_output(output) if output is not None else self.output
+        noisy = self.noise is not None if noisy is None else bool(noisy)
+        transient, kept, fixed = self._memory_per_ray(camera, output, noisy)
+        s2 = self.supersample**2
+        rays = camera.batch_size * camera.height * camera.width * s2
+        budget = _check_budget(memory_budget_bytes) or self.memory_budget_bytes
+        source = "memory_budget_bytes"
+        if budget is None:
+            if fixed + (transient + kept) * rays <= AUTO_BUDGET_CHECK_BYTES:
+                budget, source = sys.maxsize, "no budget needed (a small render)"
+            else:
+                spare, where = available_bytes(self.device)
+                budget = int(spare * AUTO_BUDGET_FRACTION) if spare < sys.maxsize else spare
+                source = f"{AUTO_BUDGET_FRACTION:.0%} of the {where}"
+        rows_allowed = None
+        if self.scatter is not None:
+            rows_allowed = "the scatter module needs the whole image"
+        elif noisy and self.noise is not None and self.noise.blur_sigma_px > 0:
+            rows_allowed = "the noise model's scintillator blur spreads across rows"
+        return plan_chunks(
+            camera.batch_size, camera.height, camera.width * s2, transient, kept, fixed, budget, source, rows_allowed
+        )
+
+    def _memory_per_ray(self, camera: Camera, output: str, noisy: bool) -> tuple[float, float, float]:
+        """Estimated bytes per ray: (freed after the ray's chunk, kept for the call) and fixed bytes per call."""
+        item = torch.finfo(self.dtype).bits // 8
+        m = len(self.materials)
+        channels = 4 if m <= 4 else 8
+        counting = self.detector.kind == "photon-counting"
+        rows = 1 if counting or not (noisy or self.photons_behind_patient is not None) else 2
+        starts, _ = self._groups(noisy and self.noise is not None)
+        terms = rows * (len(starts) - 1)  # per-energy-group log terms of one ray
+        k, s2 = self.detector.channels, self.supersample**2
+        transient = item * (TRANSIENT_WORDS_PER_RAY + channels + TRANSIENT_WORDS_PER_TERM * terms)
+        if s2 > 1:
+            transient += item * SUPERSAMPLE_WORDS_PER_RAY
+        kept = item * (k * OUTPUT_COPIES) / s2
+        source = self.hu if self.hu is not None else self.densities
+        needs_grad = torch.is_grad_enabled() and (
+            camera.rotation.requires_grad
+            or camera.translation.requires_grad
+            or camera.intrinsics.requires_grad
+            or any(p.requires_grad for p in self.parameters())
+            or source.requires_grad
+        )
+        if needs_grad:
+            kept += item * (SAVED_WORDS_PER_RAY + channels + SAVED_WORDS_PER_TERM * terms)
+        # A material volume not cached yet is built by this call: channels plus the segmentation's M densities.
+        volume_grad, key = self._volume_state()
+        cached = not volume_grad and self._cache is not None and self._cache[0] == key
+        fixed = 0.0 if cached else float(item * (channels + m) * math.prod(source.shape[-3:]))
+        return float(transient), float(kept), fixed
+
+    def _render_chunks(
+        self,
+        camera: Camera,
+        plan: RenderPlan,
+        output: str | None,
+        generator: torch.Generator | None,
+        noisy: bool | None,
+    ) -> Tensor:
+        """``forward`` in the pieces of ``plan``: groups of whole images, or row bands of single images."""
+        output = self._check_output(output) if output is not None else self.output
+        piece_output = "line_integral" if output == "display" else output  # display windows the whole image
+        b, h, w = camera.batch_size, camera.height, camera.width
+        result: Tensor | None = None
+        for start in range(0, b, plan.images_per_chunk):
+            images = camera[start : start + plan.images_per_chunk]
+            if plan.rows_per_chunk >= h:
+                integrals = self.material_line_integrals(images)
+                piece = self.detect(integrals, images, output=piece_output, generator=generator, noisy=noisy)
+                result = _place(result, piece, (b, piece.shape[1], h, w), slice(start, start + piece.shape[0]), None)
+                continue
+            bands = [(top, min(h, top + plan.rows_per_chunk)) for top in range(0, h, plan.rows_per_chunk)]
+            log_n0 = None
+            if self.photons_behind_patient is not None:
+                # Exposure control looks at the whole image: a first pass sums its statistics band by band.
+                sums = sum(
+                    self.detect(
+                        self.material_line_integrals(images.crop(top, 0, end - top, w)),
+                        images.crop(top, 0, end - top, w),
+                        output=piece_output, noisy=noisy, _exposure_sums=True,
+                    )
+                    for top, end in bands
+                )  # fmt: skip
+                log_n0 = self._log_n0_from_sums(sums, self.photons_behind_patient)
+            for top, end in bands:
+                band = images.crop(top, 0, end - top, w)
+                piece = self.detect(
+                    self.material_line_integrals(band), band, output=piece_output, generator=generator, noisy=noisy,
+                    _log_n0=log_n0,
+                )  # fmt: skip
+                result = _place(result, piece, (b, piece.shape[1], h, w), slice(start, start + 1), slice(top, end))
+        if output == "display":
+            result = display_image(result)
+        return result
 
     def detect(
         self,
@@ -432,6 +612,8 @@ class DRR(nn.Module):
         photons_behind_patient: float | Tensor | None = None,
         flat_mean_energy_keV: float | Tensor | None = None,
         check_inputs: bool = True,
+        _log_n0: Tensor | None = None,
+        _exposure_sums: bool = False,
     ) -> Tensor:
         """The physics after the ray cast: attenuation, detector, scatter and noise (``forward`` = cast + detect).
 
@@ -449,6 +631,8 @@ class DRR(nn.Module):
                 electronic noise from photons to keV); computed on the host when not given.
             check_inputs: validate the per-call spectrum and exposure. ``DRRDataset`` passes False with values it
                 made valid itself, so that rendering never waits for the device.
+            _log_n0, _exposure_sums: for renders split into row bands (``forward``): the exposure ``log N0`` per
+                image ``[B]`` found from the whole image; or return only this band's exposure-control sums ``[B, 4]``.
 
         Returns:
             ``[B, K, H, W]``; see ``forward``.
@@ -503,7 +687,12 @@ class DRR(nn.Module):
             log_terms = log_terms + falloff.log().view(1, -1, 1, 1)
 
         pixel_integrals = integrals.reshape(b, h * w, s2, -1).mean(2)  # [B, H*W, M]
-        log_n0 = self._log_exposure(log_terms, pixel_integrals, b, h * w, s2, groups, fixed_n0, target)  # [B]
+        if _exposure_sums:
+            return self._exposure_statistics(log_terms, pixel_integrals, b, h * w, s2, groups)
+        if _log_n0 is not None:
+            log_n0 = _log_n0
+        else:
+            log_n0 = self._log_exposure(log_terms, pixel_integrals, b, h * w, s2, groups, fixed_n0, target)  # [B]
 
         # Flat field per channel (no object): log N0 + log mean falloff + log sum of the channel's weights.
         measure_row = weights[measure].to(torch.float64)
@@ -588,12 +777,30 @@ class DRR(nn.Module):
         the device: no host round trip)."""
         if target is None:
             return torch.full((b,), math.log(fixed_n0), dtype=self.dtype, device=self.device)
+        return self._log_n0_from_sums(self._exposure_statistics(log_terms, pixel_integrals, b, hw, s2, groups), target)
+
+    def _exposure_statistics(
+        self, log_terms: Tensor, pixel_integrals: Tensor, b: int, hw: int, s2: int, groups: int
+    ) -> Tensor:
+        """Exposure control's sums over pixels, per image ``[B, 4]``: detected photons per unit N0 summed behind the
+        body, the number of body pixels, the same sum over all pixels, and the number of pixels. Sums (not means),
+        so that the bands of a split image add up."""
         with torch.no_grad():
             detected = self._per_channel(log_terms[..., 0, :], groups)  # count row
             per_pixel = torch.logsumexp(detected, dim=-1).exp().reshape(b, hw, s2).mean(2)  # photons per unit N0
             body = pixel_integrals.sum(-1) >= BODY_MASS_THICKNESS  # [B, HW]
-            behind_body = (per_pixel * body).sum(1) / body.sum(1).clamp_min(1)
-            mean_detected = torch.where(body.any(1), behind_body, per_pixel.mean(1))
+            pixels = torch.full_like(per_pixel[:, 0], hw)
+            return torch.stack([(per_pixel * body).sum(1), body.sum(1).to(per_pixel), per_pixel.sum(1), pixels], 1)
+
+    def _log_n0_from_sums(self, sums: Tensor, target: float | Tensor) -> Tensor:
+        """log N0 per image ``[B]`` that brings the mean detected photons behind the body (in a view where no ray
+        crosses the body: over all pixels) to ``target``; decided on the device, with no host round trip."""
+        with torch.no_grad():
+            behind_body = sums[:, 0] / sums[:, 1].clamp_min(1)
+            mean_detected = torch.where(sums[:, 1] > 0, behind_body, sums[:, 2] / sums[:, 3])
+            # A view whose every ray is fully attenuated detects 0 photons per unit N0 (exp underflows): the exposure
+            # then stops at its largest finite value, as a real exposure control saturates, instead of log(0).
+            mean_detected = mean_detected.clamp_min(torch.finfo(mean_detected.dtype).tiny)
             log_target = target.log() if isinstance(target, Tensor) else math.log(target)
             return (log_target - mean_detected.log()).to(self.dtype)
 
@@ -728,6 +935,7 @@ class DRR(nn.Module):
             pixel_integrals = ordered_mean(integrals.view(b, hw, s2, -1), 2)
             body = ordered_sum(pixel_integrals, 2) >= BODY_MASS_THICKNESS  # [B, HW]
             mean_detected = fixed_point_mean(detected, body).to(self.dtype)
+            mean_detected = mean_detected.clamp_min(torch.finfo(self.dtype).tiny)  # fully attenuated: see above
             log_n0 = photons_behind_patient.to(self.dtype).log() - mean_detected.log()  # [B]
         log_flat = log_flat + log_n0.view(b, 1, 1)  # [B, K, 1 or HW]
 

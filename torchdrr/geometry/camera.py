@@ -246,6 +246,19 @@ class Camera:
         (mm), where the DRR shows them."""
         return project_points(self.projection_matrix(), points.to(self.rotation))
 
+    def __getitem__(self, index: int | slice) -> Camera:
+        """The cameras ``index`` of the batch (an int keeps a batch of one): ``camera[2:4]`` is a batch of two."""
+        if isinstance(index, bool) or not isinstance(index, (int, slice)):
+            raise TypeError(f"a Camera is indexed by an int or a slice of its batch, got {index!r}")
+        if isinstance(index, int):
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(f"camera {index} out of range for a batch of {self.batch_size}")
+            index = slice(index, index + 1 if index != -1 else None)
+        rotation, translation = self.rotation[index], self.translation[index]
+        if rotation.shape[0] == 0:
+            raise IndexError(f"{index} selects no camera of a batch of {self.batch_size}")
+        return replace(self, rotation=rotation, translation=translation)
+
     def crop(self, top: int, left: int, height: int, width: int) -> Camera:
         """The cameras of the detector region rows ``top .. top + height - 1``, columns ``left .. left + width - 1``."""
         if top < 0 or left < 0 or top + height > self.height or left + width > self.width:
