@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tests.io_fixtures import _base_dataset, _set_pixels  # noqa: E402
-from tests.robustness.fuzzing import check_loader, scratch_dir  # noqa: E402
+from tests.robustness.fuzzing import ATHERIS_LOADERS, check_loader, scratch_dir  # noqa: E402
 from tests.robustness.volume_seeds import (  # noqa: E402
     NHDR_DATA_NAME,
     check_volume,
@@ -148,19 +148,7 @@ def _seeds() -> dict[str, tuple[bytes, Callable[[bytes], None]]]:
     }
 
 
-LOADERS = (
-    "nifti",
-    "nifti_gz",
-    "nrrd",
-    "nrrd_gzip",
-    "nhdr_header",
-    "dicom_file",
-    "dicom_series",
-    "xray_png",
-    "xray_tiff",
-    "xray_dicom",
-    "xray_npy",
-)
+LOADERS = ATHERIS_LOADERS
 
 
 def _all_loaders(seeds: dict[str, tuple[bytes, Callable[[bytes], None]]]) -> tuple[list[bytes], Callable]:

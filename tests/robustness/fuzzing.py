@@ -36,6 +36,21 @@ from torchdrr.errors import FileFormatError
 CORPUS = Path(__file__).parent / "corpus"
 HANG_SECONDS = 10.0
 
+#: the loader kinds of the coverage-guided fuzzer (atheris_loaders.py), named like the hypothesis tests' kinds
+ATHERIS_LOADERS = (
+    "nifti",
+    "nifti_gz",
+    "nrrd",
+    "nrrd_gzip",
+    "nhdr_header",
+    "dicom_file",
+    "dicom_series",
+    "xray_png",
+    "xray_tiff",
+    "xray_dicom",
+    "xray_npy",
+)
+
 #: outcome counts per loader kind, reported at the end of the session (conftest.py)
 OUTCOMES: dict[str, Counter] = {}
 

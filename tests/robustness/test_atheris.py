@@ -15,24 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from .fuzzing import ATHERIS_LOADERS
+
 pytest.importorskip("atheris")
 
 SCRIPT = Path(__file__).with_name("atheris_loaders.py")
 ROOT = SCRIPT.parents[2]
-# The same names as atheris_loaders.LOADERS (not imported: that module instruments the loaders on import).
-LOADERS = (
-    "nifti",
-    "nifti_gz",
-    "nrrd",
-    "nrrd_gzip",
-    "nhdr_header",
-    "dicom_file",
-    "dicom_series",
-    "xray_png",
-    "xray_tiff",
-    "xray_dicom",
-    "xray_npy",
-)
+# atheris_loaders.py itself is not imported here: it instruments the loaders on import.
+LOADERS = ATHERIS_LOADERS
 
 
 def _fuzz(loader: str, runs: int, artifacts: Path) -> None:
