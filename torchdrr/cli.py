@@ -38,9 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_render_parser(commands)
     _add_generate_parser(commands)
+    from .learned.command import add_segment_parser
     from .registration.command import add_register_parser
 
     add_register_parser(commands, _HelpFormatter, _view_name)
+    add_segment_parser(commands, _HelpFormatter)
 
     sketch = commands.add_parser(
         "sketch",
@@ -243,6 +245,13 @@ def _add_render_parser(commands) -> None:
         "--soft-thresholds",
         action="store_true",
         help="sigmoid (soft) material memberships of width 25 HU around --thresholds instead of hard thresholds",
+    )
+    physics.add_argument(
+        "--materials",
+        choices=["thresholds", "network"],
+        default="thresholds",
+        help="material decomposition: HU --thresholds, or the 3D material network (air, lung, soft tissue, bone, "
+        "iodinated contrast, titanium; see `torchdrr segment`)",
     )
     physics.add_argument(
         "--detector",
@@ -523,6 +532,7 @@ def _check_render_args(args: argparse.Namespace) -> _Job:
                 ("--mono", args.mono is not None),
                 ("--thresholds", tuple(args.thresholds) != _DEFAULT_THRESHOLDS),
                 ("--soft-thresholds", args.soft_thresholds),
+                ("--materials", args.materials != "thresholds"),
                 ("--detector", args.detector != "energy-integrating"),
                 ("--bins-keV", args.bins_keV is not None),
                 ("--csi", args.csi is not None),
@@ -595,7 +605,11 @@ def _build_drr(args: argparse.Namespace, job: _Job, volume):
     from .physics.segmentation import SoftThresholdSegmentation, ThresholdSegmentation
 
     thresholds = tuple(args.thresholds)
-    if args.soft_thresholds:
+    if args.materials == "network":
+        if args.soft_thresholds or thresholds != _DEFAULT_THRESHOLDS:
+            raise ValueError("--materials network replaces --thresholds/--soft-thresholds; give one or the other")
+        segmentation = None
+    elif args.soft_thresholds:
         segmentation = SoftThresholdSegmentation(thresholds=thresholds, temperature=25.0)
     else:
         segmentation = ThresholdSegmentation(thresholds=thresholds)
@@ -607,6 +621,7 @@ def _build_drr(args: argparse.Namespace, job: _Job, volume):
     drr = DRR(
         volume,
         segmentation=segmentation,
+        materials=args.materials,
         spectrum=job.spectrum,
         detector=detector,
         noise=None if args.noise == "none" else args.noise,
@@ -1176,6 +1191,10 @@ def _run(args: argparse.Namespace) -> None:
         from .registration.command import run_register
 
         run_register(args)
+    elif args.command == "segment":
+        from .learned.command import run_segment
+
+        run_segment(args)
     elif args.command == "info":
         from . import build_info
 

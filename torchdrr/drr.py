@@ -157,6 +157,9 @@ class DRR(nn.Module):
         affine: ``[4, 4]`` voxel -> world mm; taken from the Volume when ``volume`` is one.
         segmentation: HU -> material channels (default ``ThresholdSegmentation()``: DeepDRR's air / soft tissue /
             bone at -800 and 350 HU). ``SoftThresholdSegmentation`` makes the thresholds learnable.
+        materials: how the CT is split into materials: "thresholds" (default: ``segmentation``) or "network": the
+            shipped 3D material network (``torchdrr.learned``; air, lung, soft tissue, bone, iodinated contrast,
+            titanium), run once here on the CPU; its probabilities become the material channels.
         spectrum: a preset name ("60kVp", "90kVp" default, "120kVp": DeepDRR's), a monoenergetic energy in keV, or
             ``(energy_keV [E], photons [E])``. Photons are relative fluence per bin, normalised internally.
         energy_bin_keV: width of the preset spectra's bins in keV (1 = the tables' resolution).
@@ -192,6 +195,7 @@ class DRR(nn.Module):
         affine: Tensor | np.ndarray | None = None,
         *,
         segmentation: nn.Module | None = None,
+        materials: str = "thresholds",
         spectrum: str | float | tuple[Tensor, Tensor] = "90kVp",
         energy_bin_keV: int = 1,
         learn_spectrum: bool = False,
@@ -214,6 +218,17 @@ class DRR(nn.Module):
         self.dtype = dtype
 
         # --- the volume -------------------------------------------------------------------------------------------
+        if materials not in ("thresholds", "network"):
+            raise ValueError(f"materials must be 'thresholds' or 'network', got {materials!r}")
+        if materials == "network":
+            if segmentation is not None or isinstance(volume, MaterialChannels):
+                raise ValueError("materials='network' makes the material channels: give a CT, not segmentation= "
+                                 "or MaterialChannels")  # fmt: skip
+            from .learned.inference import network_material_channels
+
+            ct = volume if isinstance(volume, Volume) else Volume(volume, affine)
+            affine = ct.affine
+            volume, _ = network_material_channels(ct)
         if isinstance(volume, Volume):
             affine = volume.affine if affine is None else affine
             volume = volume.data

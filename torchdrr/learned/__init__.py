@@ -1,0 +1,22 @@
+"""Learned material decomposition: a 3D network that splits a CT into materials where HU thresholds fail.
+
+- ``phantoms``: procedural torso phantoms with known materials (the training data).
+- ``network``: ``MaterialUNet`` (a small 3D U-Net), sliding-window inference, ``NetworkSegmentation`` (a DRR
+  segmentation module) and its checkpoints.
+- ``training``: the Lightning module and the command that trains the shipped weights.
+- ``evaluate``: Dice per material on held-out phantoms against the best HU thresholds.
+- ``inference``: segmenting a real CT at the network's voxel size and back on the CT's grid.
+"""
+
+from .network import MaterialUNet, NetworkSegmentation, sliding_window_logits
+from .phantoms import MATERIAL_CLASSES, Phantom, PhantomOptions, make_phantom
+
+__all__ = [
+    "MATERIAL_CLASSES",
+    "MaterialUNet",
+    "NetworkSegmentation",
+    "Phantom",
+    "PhantomOptions",
+    "make_phantom",
+    "sliding_window_logits",
+]
