@@ -319,6 +319,20 @@ def make_phantom(
         axes = (rng.u(25, 60) * sc, rng.u(20, 45) * sc, rng.u(30, 80) * sc)
         c = (rng.u(-0.6, 0.6) * a_in, rng.u(-0.2, 0.5) * b_in, rng.u(-0.5, 0.5) * zlen)
         cv.ellipsoid(c, axes, SOFT, hu)
+    # With contrast, kidney-like organs enhance (cortex 150-300 HU in the nephrographic phase): iodinated blood in
+    # tissue, labelled contrast, never bone, although it overlaps trabecular bone's HU.
+    if contrast:
+        for side in (-1.0, 1.0) if rng.bern(0.6) else ():
+            axes = (rng.u(22, 32) * sc, rng.u(18, 26) * sc, rng.u(40, 60) * sc)
+            c = (side * rng.u(0.35, 0.5) * a_in, -rng.u(0.2, 0.45) * b_in, rng.u(-0.6, -0.1) * zlen)
+            cv.ellipsoid(c, axes, CONTRAST, rng.u(150.0, 300.0))
+    # The patient table under the back: a curved carbon-fibre and foam plate (about -200 to 250 HU), in most scans.
+    if rng.bern(0.7):
+        gap, thick = rng.u(2.0, 15.0) * sc, rng.u(6.0, 16.0) * sc
+        curve = rng.u(0.0, 0.004) / max(sc, 1e-3)
+        plate = -(b0 + gap + thick / 2) + curve * u**2
+        couch = ((v - plate).abs() <= thick / 2) & (u.abs() <= rng.u(0.8, 1.2) * a0)
+        cv.paint(full, couch, SOFT, rng.u(-200.0, 250.0))
 
     # Spine geometry (needed by lungs, aorta and screws).
     rv_u, rv_v = rng.u(19.0, 26.0) * sc, rng.u(15.0, 21.0) * sc  # vertebral body semi-axes (thoracolumbar)
@@ -345,6 +359,12 @@ def make_phantom(
     heart_c = (rng.u(-15, 15) * sc, rng.u(0.15, 0.35) * b_in, lz - rng.u(0.1, 0.3) * lung_zlen)
     heart_axes = (rng.u(40, 55) * sc, rng.u(35, 50) * sc, rng.u(40, 60) * sc)
     cv.ellipsoid(heart_c, heart_axes, SOFT, rng.u(30.0, 50.0))
+    if contrast:  # the chambers' blood pool enhances like the aorta; the myocardium stays soft tissue
+        for _ in range(rng.int(1, 3)):
+            offset = tuple(rng.u(-0.35, 0.35) * a for a in heart_axes)
+            chamber = tuple(rng.u(0.3, 0.5) * a for a in heart_axes)
+            centre_c = tuple(c + o for c, o in zip(heart_c, offset, strict=True))
+            cv.ellipsoid(centre_c, chamber, CONTRAST, rng.rng(opt.contrast_hu))
 
     # Lung vessels: the intersection of the zero sets of two smooth random fields is a network of thin curved tubes.
     for c, axes in lungs:
