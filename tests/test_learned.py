@@ -167,3 +167,21 @@ def test_shipped_network_beats_the_best_thresholds() -> None:
         network_mean = np.mean(list(result[table]["network"].values()))
         thresholds_mean = np.mean(list(result[table]["best thresholds"].values()))
         assert network_mean > thresholds_mean, markdown(result)
+
+
+def test_phantom_seeds_never_overlap_between_sets() -> None:
+    from torchdrr.learned.training import PhantomDataModule
+
+    data = PhantomDataModule(train_phantoms=10, validation_phantoms=3, test_phantoms=4, batch_size=4)
+    seeds = {
+        name: [int(s) for batch in loader for s in batch]
+        for name, loader in (
+            ("train", data.train_dataloader()),
+            ("val", data.val_dataloader()),
+            ("test", data.test_dataloader()),
+        )
+    }
+    assert seeds["train"] == list(range(10)) and len(seeds["val"]) == 3 and len(seeds["test"]) == 4
+    assert not set(seeds["train"]) & set(seeds["val"]) and not set(seeds["val"]) & set(seeds["test"])
+    with pytest.raises(ValueError, match="batch_size"):
+        PhantomDataModule(10, batch_size=0)

@@ -429,6 +429,24 @@ def make_phantom(
         ribs = ((radial / rib_r) ** 2 + (dz / rib_h) ** 2 <= 1.0) & (phi > 0.25) & (phi < rng.u(2.2, 2.6))
         cv.paint(slr, ribs, BONE, rng.rng(opt.rib_hu))
 
+    # Flat and tubular bones of the chest wall, which a section often cuts (the first trained network missed the
+    # chest CT's scapulae and clavicles): sternum (anterior midline), scapulae (thin plates behind the ribs, upper
+    # half), clavicles (tubes at the top, running laterally and back). Cortical HU lowered by their thinness.
+    if rng.bern(0.8):
+        zs = rng.u(-0.5, 0.2) * zlen
+        cv.capsule((0.0, b_in - 9.0 * sc, zs), (0.0, b_in - 9.0 * sc, zs + rng.u(0.4, 0.9) * zlen),
+                   rng.u(5.0, 8.0) * sc, BONE, rng.u(250.0, 700.0))  # fmt: skip
+    for side in (-1.0, 1.0):
+        if rng.bern(0.6):
+            centre_s = (side * rng.u(0.45, 0.62) * a_in, -rng.u(0.55, 0.75) * b0, rng.u(0.0, 0.5) * zlen)
+            cv.ellipsoid(centre_s, (rng.u(30, 45) * sc, rng.u(3.0, 6.0) * sc, rng.u(45, 70) * sc), BONE,
+                         rng.u(300.0, 900.0))  # fmt: skip
+        if rng.bern(0.4):
+            z_top = rng.u(0.25, 0.5) * zlen
+            start = (side * rng.u(8.0, 15.0) * sc, rng.u(0.55, 0.75) * b_in, z_top)
+            end = (side * rng.u(0.7, 0.85) * a_in, rng.u(0.0, 0.3) * b_in, z_top + rng.u(-10.0, 10.0) * sc)
+            cv.capsule(start, end, rng.u(5.0, 8.0) * sc, BONE, rng.u(500.0, 1100.0))
+
     # Aorta left-anterior of the spine, wobbling along z, with a few branches; contrast-filled or plain blood.
     vessel_label, vessel_hu = (CONTRAST, rng.rng(opt.contrast_hu)) if contrast else (SOFT, rng.u(30.0, 50.0))
     ra = rng.u(10.0, 15.0) * sc

@@ -33,6 +33,7 @@ __all__ = [
     "TEST_SEED",
     "VALIDATION_SEED",
     "MaterialSegmentationModule",
+    "PhantomDataModule",
     "PhantomSeeds",
     "dice_per_class",
     "main",
@@ -59,6 +60,36 @@ class PhantomSeeds(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(index)
         return self.first + index
+
+
+class PhantomDataModule(pl.LightningDataModule):
+    """The phantom seeds of training (0 ..), validation (``VALIDATION_SEED`` ..) and test (``TEST_SEED`` ..), in
+    batches; the module turns them into phantoms on its device.
+
+    Args:
+        train_phantoms: training seeds (one per sample: crops of a phantom share consecutive seeds' batch slots).
+        validation_phantoms: validation seeds.
+        test_phantoms: test seeds.
+        batch_size: seeds per batch.
+    """
+
+    def __init__(self, train_phantoms: int, validation_phantoms: int = 8, test_phantoms: int = 16,
+                 batch_size: int = 4) -> None:  # fmt: skip
+        super().__init__()
+        for name, value in (("train_phantoms", train_phantoms), ("batch_size", batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.train_phantoms, self.validation_phantoms = int(train_phantoms), int(validation_phantoms)
+        self.test_phantoms, self.batch_size = int(test_phantoms), int(batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(PhantomSeeds(0, self.train_phantoms), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(PhantomSeeds(VALIDATION_SEED, self.validation_phantoms), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(PhantomSeeds(TEST_SEED, self.test_phantoms), batch_size=self.batch_size)
 
 
 def dice_per_class(predicted: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -225,8 +256,7 @@ def train(
     module = MaterialSegmentationModule(
         patch, spacing_mm, batch_size, learning_rate, steps, network_options, max_minutes, phantom_shape
     )
-    train_seeds = DataLoader(PhantomSeeds(0, steps * batch_size), batch_size=batch_size, shuffle=False)
-    validation_seeds = DataLoader(PhantomSeeds(VALIDATION_SEED, validation_phantoms), batch_size=batch_size)
+    data = PhantomDataModule(steps * batch_size, validation_phantoms, batch_size=batch_size)
     trainer = pl.Trainer(
         max_steps=steps,
         max_time={"minutes": max_minutes} if max_minutes else None,
@@ -241,7 +271,7 @@ def train(
         log_every_n_steps=max(1, min(50, steps // 10)),
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, train_seeds, validation_seeds)
+    trainer.fit(module, datamodule=data)
     network = module.network.float().eval().cpu()
     segmentation = NetworkSegmentation(network, MATERIAL_CLASSES, patch=patch, spacing_mm=float(spacing_mm[0]))
     segmentation.save_checkpoint(out, half=True)
