@@ -591,21 +591,19 @@ class DRR(nn.Module):
                 piece = self.detect(integrals, images, output=piece_output, generator=generator, noisy=noisy)
                 result = _place(result, piece, (b, piece.shape[1], h, w), slice(start, start + piece.shape[0]), None)
                 continue
-            bands = [(top, min(h, top + plan.rows_per_chunk)) for top in range(0, h, plan.rows_per_chunk)]
+            tops = range(0, h, plan.rows_per_chunk)
+            bands = [(top, images.crop(top, 0, min(h, top + plan.rows_per_chunk) - top, w)) for top in tops]
             log_n0 = None
             if self.photons_behind_patient is not None:
                 # Exposure control looks at the whole image: a first pass sums its statistics band by band.
                 sums = sum(
-                    self.detect(
-                        self.material_line_integrals(images.crop(top, 0, end - top, w)),
-                        images.crop(top, 0, end - top, w),
-                        output=piece_output, noisy=noisy, _exposure_sums=True,
-                    )
-                    for top, end in bands
+                    self.detect(self.material_line_integrals(band), band, output=piece_output, noisy=noisy,
+                                _exposure_sums=True)
+                    for _, band in bands
                 )  # fmt: skip
                 log_n0 = self._log_n0_from_sums(sums, self.photons_behind_patient)
-            for top, end in bands:
-                band = images.crop(top, 0, end - top, w)
+            for top, band in bands:
+                end = top + band.height
                 piece = self.detect(
                     self.material_line_integrals(band), band, output=piece_output, generator=generator, noisy=noisy,
                     _log_n0=log_n0,

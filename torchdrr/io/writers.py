@@ -41,13 +41,14 @@ GEOMETRY_SUFFIXES = (".npz", ".pt")
 
 
 def check_output_path(path: str | Path, suffixes: tuple[str, ...], what: str = "output") -> Path:
-    """``path`` as a Path, after checking its suffix (case-insensitive) is one of ``suffixes`` and its folder exists.
+    """``path`` as a Path, after checking its name ends (case-insensitive) in one of ``suffixes`` (multi-part ones
+    such as ``.nii.gz`` included) and its folder exists.
 
     Raises:
         ValueError: wrong suffix, or the path is an existing folder. FileNotFoundError: the folder does not exist.
     """
     path = Path(path)
-    if path.suffix.lower() not in suffixes:
+    if not path.name.lower().endswith(tuple(suffixes)):
         raise ValueError(f"{what} path must end in {' or '.join(suffixes)}, got {path}")
     parent = path.parent
     if not parent.is_dir():

@@ -41,15 +41,6 @@ def add_segment_parser(commands: Any, formatter: type[argparse.HelpFormatter]) -
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _check_nifti_path(path: Path, option: str) -> None:
-    if not path.name.endswith(_NIFTI_SUFFIXES):
-        raise ValueError(f"{option} {path}: must end in .nii or .nii.gz")
-    if not path.parent.is_dir():
-        raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{option} {path}: is a folder")
-
-
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool) -> bytes:
     import nibabel as nib
 
@@ -101,14 +92,14 @@ def slice_overlay(hu: torch.Tensor, bone: torch.Tensor, spacing_mm: tuple[float,
 def run_segment(args: argparse.Namespace) -> dict:
     """Runs ``torchdrr segment``; returns a summary."""
     from ..io import Volume, bundled_ct_path
-    from ..io.writers import atomic_write
+    from ..io.writers import atomic_write, check_output_path
     from .inference import load_network, segment_volume
 
-    _check_nifti_path(args.out, "--out")
+    check_output_path(args.out, _NIFTI_SUFFIXES, "--out")
     if args.probabilities is not None:
-        _check_nifti_path(args.probabilities, "--probabilities")
-    if args.picture is not None and args.picture.suffix.lower() != ".png":
-        raise ValueError(f"--picture {args.picture}: must end in .png")
+        check_output_path(args.probabilities, _NIFTI_SUFFIXES, "--probabilities")
+    if args.picture is not None:
+        check_output_path(args.picture, (".png",), "--picture")
     network = load_network(args.weights, device=args.device)
     ct_path = args.ct if args.ct is not None else bundled_ct_path()
     volume = Volume.load(ct_path, series_uid=args.series_uid, fix_padding=True)

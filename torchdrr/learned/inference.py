@@ -32,9 +32,7 @@ def bundled_weights_path() -> Path:
 def load_network(weights: str | Path | None = None, device: str | torch.device | None = None) -> NetworkSegmentation:
     """The material network from ``weights`` (default: the shipped ones), on ``device`` (default: the CPU)."""
     path = Path(weights) if weights is not None else bundled_weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"material network weights not found: {path}")
-    return NetworkSegmentation.from_checkpoint(path, device=device)
+    return NetworkSegmentation.from_checkpoint(path, device=device)  # raises FileNotFoundError naming a missing file
 
 
 def _back_to_grid(probabilities: Tensor, coarse: Volume, fine: Volume) -> Tensor:
