@@ -1,5 +1,5 @@
 // Schemas of torchdrr's custom ops and the Python module that loads them. Kernels register themselves per device in
-// csrc/<op>/<op>_{cpu.cpp,cuda.cu} (raycast, spectral); fake (meta) kernels and autograd are registered in
+// csrc/<op>/<op>_{cpu.cpp,cuda.cu} (raycast, camera_raycast, spectral); fake (meta) kernels and autograd are registered in
 // torchdrr/ops/{raycast,spectral}.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -24,6 +24,18 @@ TORCH_LIBRARY(torchdrr, m) {
   m.def(
       "raycast_backward(Tensor grad_output, Tensor volume, Tensor affine, Tensor sources, Tensor targets, int mode, "
       "float step, bool volume_grad, bool rays_grad) -> (Tensor, Tensor, Tensor)");
+  // Integrals along the pixel rays of B pinhole cameras: ray (b, pixel at image coordinates (u, v)) runs from
+  // sources[b] ([B, 3] world mm) to sources[b] + ray_matrices[b] @ (u, v, 1) ([B, 3, 3]), over an H x W detector
+  // with s x s sub-pixel rays per pixel. Returns [B, H * W * s * s, C] (rows, columns, sub-rows, sub-columns).
+  m.def(
+      "camera_raycast_forward(Tensor volume, Tensor affine, Tensor sources, Tensor ray_matrices, int height, "
+      "int width, int supersample, int mode, float step) -> Tensor");
+  // Gradients of camera_raycast_forward given dLoss/dout [B, R, C]: (grad_volume, grad_sources [B, 3],
+  // grad_ray_matrices [B, 3, 3]); the pose gradients are summed over each camera's rays inside the kernel.
+  m.def(
+      "camera_raycast_backward(Tensor grad_output, Tensor volume, Tensor affine, Tensor sources, "
+      "Tensor ray_matrices, int height, int width, int supersample, int mode, float step, bool volume_grad, "
+      "bool pose_grad) -> (Tensor, Tensor, Tensor)");
   // Log of spectrally weighted, grouped transmission: mass_thickness [N, M] g/cm^2, attenuation [M, E] cm^2/g,
   // weights [Q, E] >= 0, group_starts G + 1 non-decreasing bin indices in [0, E]. Returns [N, Q, G]:
   // out[n, q, g] = log(sum_{e in group g} weights[q, e] exp(-sum_m attenuation[m, e] mass_thickness[n, m])).

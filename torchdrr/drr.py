@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .geometry import Camera
 from .io import Volume, volume_center
 from .memory import AUTO_BUDGET_FRACTION, RenderPlan, available_bytes, plan_chunks
-from .ops import log_weighted_transmission, raycast
+from .ops import camera_raycast, log_weighted_transmission, raycast
 from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
@@ -445,8 +445,14 @@ class DRR(nn.Module):
         if not isinstance(camera, Camera):
             raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
         camera = camera.to(device=self.device)
-        sources, targets = camera.rays(self.supersample)
-        return self.cast(sources, targets)
+        # The camera op makes each pixel's ray in the kernel: no [B, H * W, 3] endpoint tensors (pixel_rays + cast
+        # give the same integrals).
+        sources, ray_matrices = camera.ray_parameters()
+        integrals = camera_raycast(
+            self.material_volume(), self.affine, sources.to(self.dtype), ray_matrices.to(self.dtype), camera.height,
+            camera.width, mode=self.mode, step=self.step, supersample=self.supersample,
+        )  # fmt: skip
+        return integrals[..., : len(self.materials)] / 10.0  # density x mm -> g/cm^2
 
     def cast(self, sources: Tensor, targets: Tensor) -> Tensor:
         """Per-material mass thicknesses (g/cm^2) along rays ``sources [..., 3]`` -> ``targets [..., 3]`` (world mm,

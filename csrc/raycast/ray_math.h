@@ -158,79 +158,6 @@ TDRR_HD int64_t entry_voxel(T x, T d, int64_t n) {
   return i < 0 ? 0 : (i >= n ? n - 1 : i);
 }
 
-// The voxels a clipped ray crosses, in order (Siddon/Jacobs incremental traversal, no sort), one per call of next(),
-// with the axis of each face crossed: what the backward needs for the endpoint gradients (siddon_walk() below is the
-// loop over one ray). The forward uses siddon_forward_runs(), which gives the same segments faster.
-template <typename T>
-struct SiddonCursor {
-  int64_t idx[3];
-  int64_t step[3];
-  int64_t offset;      // element offset of the current voxel
-  T alpha_next[3];     // parameter of the next face on each axis
-  T alpha;             // parameter where the current voxel starts
-  int axis;            // axis of the face crossed at `alpha` (-1 at a source inside the volume)
-  bool done;
-  // Termination needs no step counter: each step moves one index monotonically toward a bound that ends the walk,
-  // and a NaN or infinite crossing ends it at once.
-
-  TDRR_HD void start(const VolumeGeometry<T>& g, const ClippedRay<T>& r) {
-    offset = 0;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      const T x = r.s[a] + r.alpha_min * r.d[a];
-      idx[a] = entry_voxel(x, r.d[a], g.size[a]);
-      offset += idx[a] * g.voxel_stride[a];
-      if (r.d[a] > T(0)) {
-        step[a] = 1;
-        alpha_next[a] = plane_alpha(T(idx[a]) + T(0.5), r.s[a], r.inv_d[a]);
-      } else if (r.d[a] < T(0)) {
-        step[a] = -1;
-        alpha_next[a] = plane_alpha(T(idx[a]) - T(0.5), r.s[a], r.inv_d[a]);
-      } else {
-        step[a] = 0;
-        alpha_next[a] = INFINITY;
-      }
-    }
-    alpha = r.alpha_min;
-    axis = r.axis_min;
-    done = !r.hit;
-  }
-
-  // Reports the current voxel (its offset, the parameter interval [a0, a1] inside it, a1 >= a0, and the axis of the
-  // face crossed at a0) and moves to the next one. Returns false once the ray has left the volume.
-  TDRR_HD bool next(const VolumeGeometry<T>& g, const ClippedRay<T>& r, int64_t& voxel, T& a0, T& a1,
-                    int& crossed_axis) {
-    if (done) return false;
-    int next_axis = 0;
-    if (alpha_next[1] < alpha_next[next_axis]) next_axis = 1;
-    if (alpha_next[2] < alpha_next[next_axis]) next_axis = 2;
-    const T crossing = alpha_next[next_axis];
-    const bool last = !(crossing < r.alpha_max);
-    T end = last ? r.alpha_max : crossing;
-    // Rounding can put a crossing a hair before the current parameter; that voxel then has zero length.
-    end = end > alpha ? end : alpha;
-    voxel = offset;
-    a0 = alpha;
-    a1 = end;
-    crossed_axis = axis;
-    if (last) {
-      done = true;
-      return true;
-    }
-    alpha = end;
-    idx[next_axis] += step[next_axis];
-    if (idx[next_axis] < 0 || idx[next_axis] >= g.size[next_axis]) {
-      done = true;
-      return true;
-    }
-    offset += step[next_axis] * g.voxel_stride[next_axis];
-    alpha_next[next_axis] =
-        plane_alpha(T(idx[next_axis]) + T(0.5) * T(step[next_axis]), r.s[next_axis], r.inv_d[next_axis]);
-    axis = next_axis;
-    return true;
-  }
-};
-
 // Reads the first `channels` (<= MaxC) channel values of the voxel at element `offset` into v[0..MaxC) (zeros past
 // `channels`). Packed: the volume is channels-last with exactly MaxC channels, so a voxel's channels are MaxC
 // adjacent elements starting at a 16-byte boundary (the host checks this); the GPU then reads them with 16-byte
@@ -263,23 +190,30 @@ TDRR_HD void load_voxel(const T* __restrict__ volume, int64_t offset, int64_t ch
   for (int c = 0; c < MaxC; ++c) v[c] = c < channels ? volume[offset + c * channel_stride] : T(0);
 }
 
-// Siddon forward of one ray whose largest index-space direction component is on axis M, walked as runs of whole
-// voxels along M between the crossings of the two other axes. Why: inside such a run every voxel's segment has the
-// same parameter length |1/d_M|, so the inner loop is a strided sum whose loads do not depend on each other (a CPU
-// overlaps their cache misses) instead of a chain of per-voxel plane comparisons. The segments are Siddon's: the
-// partial voxels at the ends of a run use the same plane expressions as SiddonCursor. Adds the parameter-space
-// integral of each channel (sum of value x parameter length) to acc[0..channels).
-template <typename T, int MaxC, int M, bool Packed>
-TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>& r, const T* __restrict__ volume,
-                                 int channels, T* acc) {
+// The Siddon segments of one ray whose largest index-space direction component is on axis M, in order, walked as
+// runs of whole voxels along M between the crossings of the two other axes. Why: inside such a run every voxel's
+// segment has the same parameter length |1/d_M|, so a visitor's inner loop is a strided sum whose loads do not depend
+// on each other (a CPU overlaps their cache misses, a GPU keeps them in flight) instead of a chain of per-voxel plane
+// comparisons. The partial voxels at the ends of a run use the same plane expressions as the clip (plane_alpha).
+//
+// The visitor gets every voxel the ray crosses, once, through one of:
+//   visit.partial(offset, a0, a1, entry_axis): the voxel at element `offset`, crossed over [a0, a1] (a1 >= a0),
+//       entered at a0 through a face of `entry_axis` (-1 when the ray starts inside the volume);
+//   visit.run(offset, offset_step, n, a_first, delta, M): n >= 1 whole voxels along M, voxel q at
+//       offset + q * offset_step, entered at a_first + q * delta through a face of M, each crossed over `delta`.
+// The exit at r.alpha_max (through a face of r.axis_max) is the caller's to handle.
+template <typename T, int M, typename Visitor>
+TDRR_HD void siddon_runs(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
   constexpr int kA = (M + 1) % 3, kB = (M + 2) % 3;
   if (!r.hit) return;
-  int64_t idx[3], step[3], offset = 0;
+  // Indices and steps in 32 bits (sizes are far below 2^31) to keep the walk's state in fewer GPU registers.
+  int idx[3], step[3];
+  int64_t offset = 0;
   T next[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const T x = r.s[a] + r.alpha_min * r.d[a];
-    idx[a] = entry_voxel(x, r.d[a], g.size[a]);
+    idx[a] = static_cast<int>(entry_voxel(x, r.d[a], g.size[a]));
     offset += idx[a] * g.voxel_stride[a];
     step[a] = r.d[a] > T(0) ? 1 : (r.d[a] < T(0) ? -1 : 0);
     next[a] = step[a] == 0 ? T(INFINITY) : plane_alpha(T(idx[a]) + T(0.5) * T(step[a]), r.s[a], r.inv_d[a]);
@@ -287,14 +221,9 @@ TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>
   const T delta_m = r.inv_d[M] < T(0) ? -r.inv_d[M] : r.inv_d[M];  // parameter length of one voxel along M
   const int64_t offset_step_m = step[M] * g.voxel_stride[M];
   T alpha = r.alpha_min;
-  // Adds the current voxel's part [alpha, end] (never negative: rounding can order two crossings a hair apart).
-  auto add_partial = [&](T end) {
-    const T length = end > alpha ? end - alpha : T(0);
-    T v[MaxC];
-    load_voxel<T, MaxC, Packed>(volume, offset, g.channel_stride, channels, v);
-#pragma unroll
-    for (int c = 0; c < MaxC; ++c) acc[c] += v[c] * length;
-  };
+  int entry_axis = r.axis_min;
+  // The current voxel's part [alpha, end] (never negative: rounding can order two crossings a hair apart).
+  auto partial = [&](T end) { visit.partial(offset, alpha, end > alpha ? end : alpha, entry_axis); };
   // Every pass crosses at least one plane or ends the ray, and indices only move toward the grid's edges.
   const int64_t max_passes = g.size[0] + g.size[1] + g.size[2] + 3;
   for (int64_t pass = 0; pass < max_passes; ++pass) {
@@ -302,49 +231,45 @@ TDRR_HD void siddon_forward_runs(const VolumeGeometry<T>& g, const ClippedRay<T>
     const T limit = side < r.alpha_max ? side : r.alpha_max;
     if (next[M] < limit) {
       // Cross the planes of M that come before `limit`, staying inside the grid.
-      const int64_t left = step[M] > 0 ? g.size[M] - 1 - idx[M] : idx[M];
+      const int left = step[M] > 0 ? static_cast<int>(g.size[M]) - 1 - idx[M] : idx[M];
       if (left <= 0) {  // only rounding puts the outer face before alpha_max
-        add_partial(next[M] < r.alpha_max ? next[M] : r.alpha_max);
+        partial(next[M] < r.alpha_max ? next[M] : r.alpha_max);
         return;
       }
-      int64_t n = static_cast<int64_t>(ceil((limit - next[M]) / delta_m));
-      n = n < 1 ? 1 : (n > left ? left : n);
-      add_partial(next[M]);
+      // Compared as floating point first: a huge or NaN count (a degenerate ray) must not overflow the int.
+      const T wanted = ceil((limit - next[M]) / delta_m);
+      const int n = !(wanted < T(left)) ? left : (wanted < T(1) ? 1 : static_cast<int>(wanted));
+      partial(next[M]);
       offset += offset_step_m;
-      T run[MaxC];
-#pragma unroll
-      for (int c = 0; c < MaxC; ++c) run[c] = T(0);
-      for (int64_t j = 1; j < n; ++j) {
-        T v[MaxC];
-        load_voxel<T, MaxC, Packed>(volume, offset, g.channel_stride, channels, v);
-#pragma unroll
-        for (int c = 0; c < MaxC; ++c) run[c] += v[c];
-        offset += offset_step_m;
+      if (n > 1) {
+        visit.run(offset, offset_step_m, n - 1, next[M], delta_m, M);
+        offset += (n - 1) * offset_step_m;
       }
-#pragma unroll
-      for (int c = 0; c < MaxC; ++c) acc[c] += run[c] * delta_m;
       idx[M] += n * step[M];
       alpha = plane_alpha(T(idx[M]) - T(0.5) * T(step[M]), r.s[M], r.inv_d[M]);
       next[M] = plane_alpha(T(idx[M]) + T(0.5) * T(step[M]), r.s[M], r.inv_d[M]);
+      entry_axis = M;
       continue;
     }
     if (!(side < r.alpha_max)) {  // nothing crossed before the exit
-      add_partial(r.alpha_max);
+      partial(r.alpha_max);
       return;
     }
     // A face of one of the two other axes comes next.
-    add_partial(side);
+    partial(side);
     alpha = side > alpha ? side : alpha;
     if (next[kA] <= next[kB]) {
       idx[kA] += step[kA];
       if (idx[kA] < 0 || idx[kA] >= g.size[kA]) return;
       offset += step[kA] * g.voxel_stride[kA];
       next[kA] = plane_alpha(T(idx[kA]) + T(0.5) * T(step[kA]), r.s[kA], r.inv_d[kA]);
+      entry_axis = kA;
     } else {
       idx[kB] += step[kB];
       if (idx[kB] < 0 || idx[kB] >= g.size[kB]) return;
       offset += step[kB] * g.voxel_stride[kB];
       next[kB] = plane_alpha(T(idx[kB]) + T(0.5) * T(step[kB]), r.s[kB], r.inv_d[kB]);
+      entry_axis = kB;
     }
   }
 }
@@ -378,15 +303,17 @@ TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
   return (static_cast<uint64_t>(axis) << 40) | (spread_bits_16(cell[0]) << 1) | spread_bits_16(cell[1]);
 }
 
-// Calls visit(offset, a0, a1, axis) for each voxel the ray crosses, in order (see SiddonCursor::next).
+// Walks a hit ray with siddon_runs specialised on its main axis.
 template <typename T, typename Visitor>
-TDRR_HD void siddon_walk(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
-  SiddonCursor<T> cursor;
-  cursor.start(g, r);
-  int64_t voxel;
-  T a0, a1;
-  int axis;
-  while (cursor.next(g, r, voxel, a0, a1, axis)) visit(voxel, a0, a1, axis);
+TDRR_HD void siddon_visit(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
+  const int axis = main_axis(r);
+  if (axis == 0) {
+    siddon_runs<T, 0>(g, r, visit);
+  } else if (axis == 1) {
+    siddon_runs<T, 1>(g, r, visit);
+  } else {
+    siddon_runs<T, 2>(g, r, visit);
+  }
 }
 
 // Number of trilinear samples: ceil(L / step) for the world length L inside the outer box (at least 1 on a hit).
@@ -465,31 +392,95 @@ TDRR_HD void endpoint_gradients(const VolumeGeometry<T>& g, const T* s_world, co
 // Per-ray drivers. `MaxC` is the compile-time bound on channels in registers, `channels` <= MaxC the real count.
 // ---------------------------------------------------------------------------------------------------------------
 
-// Forward: out[c] = integral of channel c along the ray (volume units x mm).
-template <typename T, int MaxC, bool Packed = false>
-TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
-                                 const T* s_world, const T* t_world, bool trilinear, T step_mm, T* out) {
+// Siddon forward as a siddon_runs visitor: acc[c] = sum over the ray's voxels of value_c x parameter length.
+template <typename T, int MaxC, bool Packed>
+struct SiddonForwardVisitor {
+  const T* __restrict__ volume;
+  int64_t channel_stride;
+  int channels;
   T acc[MaxC];
+
+  TDRR_HD void partial(int64_t offset, T a0, T a1, int /*entry_axis*/) {
+    T v[MaxC];
+    load_voxel<T, MaxC, Packed>(volume, offset, channel_stride, channels, v);
+    const T length = a1 - a0;
 #pragma unroll
-  for (int c = 0; c < MaxC; ++c) acc[c] = T(0);
+    for (int c = 0; c < MaxC; ++c) acc[c] += v[c] * length;
+  }
+
+  TDRR_HD void run(int64_t offset, int64_t offset_step, int64_t n, T /*a_first*/, T delta, int /*axis*/) {
+    T sum[MaxC];
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) sum[c] = T(0);
+    for (int64_t q = 0; q < n; ++q, offset += offset_step) {
+      T v[MaxC];
+      load_voxel<T, MaxC, Packed>(volume, offset, channel_stride, channels, v);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) sum[c] += v[c];
+    }
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) acc[c] += sum[c] * delta;
+  }
+};
+
+// Adds the edge-clamped trilinear interpolant of the first `channels` channels at the index-space point x to acc,
+// as 4 + 2 + 1 linear interpolations (k, then j, then i) of the 8 surrounding voxels.
+template <typename T, int MaxC, bool Packed>
+TDRR_HD void add_trilinear_sample(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels, const T* x,
+                                  T* acc) {
+  int64_t lo[3], hi[3];
+  T f[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const T fl = floor(x[a]);
+    const int64_t i0 = static_cast<int64_t>(fl);
+    f[a] = x[a] - fl;
+    const int64_t last = g.size[a] - 1;
+    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * g.voxel_stride[a];
+    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * g.voxel_stride[a];
+  }
+  T along_i[2][MaxC];
+#pragma unroll
+  for (int bi = 0; bi < 2; ++bi) {
+    T along_j[2][MaxC];
+#pragma unroll
+    for (int bj = 0; bj < 2; ++bj) {
+      const int64_t base = (bi ? hi[0] : lo[0]) + (bj ? hi[1] : lo[1]);
+      T v0[MaxC], v1[MaxC];
+      load_voxel<T, MaxC, Packed>(volume, base + lo[2], g.channel_stride, channels, v0);
+      load_voxel<T, MaxC, Packed>(volume, base + hi[2], g.channel_stride, channels, v1);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) along_j[bj][c] = v0[c] + f[2] * (v1[c] - v0[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) along_i[bi][c] = along_j[0][c] + f[1] * (along_j[1][c] - along_j[0][c]);
+  }
+#pragma unroll
+  for (int c = 0; c < MaxC; ++c) acc[c] += along_i[0][c] + f[0] * (along_i[1][c] - along_i[0][c]);
+}
+
+// Forward of one ray: out[c] = integral of channel c along the segment (volume units x mm); NaN for non-finite
+// endpoints.
+template <typename T, int MaxC, bool Packed, bool Trilinear>
+TDRR_HD void ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels, const T* s_world,
+                         const T* t_world, T step_mm, T* out) {
   if (!all_finite(s_world) || !all_finite(t_world)) {
     for (int c = 0; c < channels; ++c) out[c] = NAN;
     return;
   }
   const T length = world_length(s_world, t_world);
   const ClippedRay<T> r = clip_ray(g, to_index_space(g, s_world), to_index_space(g, t_world));
-  if (r.hit) {
-    if (!trilinear) {
-      const int axis = main_axis(r);
-      if (axis == 0) {
-        siddon_forward_runs<T, MaxC, 0, Packed>(g, r, volume, channels, acc);
-      } else if (axis == 1) {
-        siddon_forward_runs<T, MaxC, 1, Packed>(g, r, volume, channels, acc);
-      } else {
-        siddon_forward_runs<T, MaxC, 2, Packed>(g, r, volume, channels, acc);
-      }
+  T acc[MaxC];
 #pragma unroll
-      for (int c = 0; c < MaxC; ++c) acc[c] *= length;
+  for (int c = 0; c < MaxC; ++c) acc[c] = T(0);
+  if (r.hit) {
+    if constexpr (!Trilinear) {
+      SiddonForwardVisitor<T, MaxC, Packed> visit{volume, g.channel_stride, channels, {}};
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) visit.acc[c] = T(0);
+      siddon_visit(g, r, visit);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) acc[c] = visit.acc[c] * length;
     } else {
       const int64_t n = trilinear_sample_count(r, length, step_mm);
       const T h = (r.alpha_max - r.alpha_min) / T(n);
@@ -498,14 +489,7 @@ TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict
         T x[3];
 #pragma unroll
         for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
-        const TrilinearStencil<T> st = trilinear_stencil(g, x);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-#pragma unroll
-          for (int c = 0; c < MaxC; ++c) {
-            if (c < channels) acc[c] += st.weight[q] * volume[st.offset[q] + c * g.channel_stride];
-          }
-        }
+        add_trilinear_sample<T, MaxC, Packed>(g, volume, channels, x, acc);
       }
 #pragma unroll
       for (int c = 0; c < MaxC; ++c) acc[c] *= length * h;
@@ -514,19 +498,170 @@ TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict
   for (int c = 0; c < channels; ++c) out[c] = acc[c];
 }
 
-// Backward of one ray. grad_out[c] is dLoss/dF_c. Adds dLoss/dvolume into grad_volume through `scatter_add`
-// (a no-op functor when the volume needs no gradient) and writes dLoss/ds_world, dLoss/dt_world when `want_rays`.
+// ray_forward with the mode chosen at run time.
+template <typename T, int MaxC, bool Packed = false>
+TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
+                                 const T* s_world, const T* t_world, bool trilinear, T step_mm, T* out) {
+  if (trilinear) {
+    ray_forward<T, MaxC, Packed, true>(g, volume, channels, s_world, t_world, step_mm, out);
+  } else {
+    ray_forward<T, MaxC, Packed, false>(g, volume, channels, s_world, t_world, step_mm, out);
+  }
+}
+
+// Siddon backward as a siddon_runs visitor. With w = sum_c g_c v_c (the volume weighted by the incoming gradient),
+// it accumulates S = sum of w x parameter length and, per axis a, the sums over the crossings of that axis'
+// planes of dw = w_before - w_after and of dw x alpha: then (ray_math.h header) dS/ds_a = (E_a - D_a) / d_a and
+// dS/dt_a = -E_a / d_a. The back-projection adds g_c x length x parameter length to each voxel.
+template <typename T, int MaxC, bool WantVolume, bool WantRays, typename ScatterAdd>
+struct SiddonBackwardVisitor {
+  const T* __restrict__ volume;
+  int64_t channel_stride;
+  int channels;
+  const T* go;     // [MaxC] dLoss/dF_c, zero past `channels`
+  T length;        // world length of the segment (mm)
+  ScatterAdd& scatter_add;
+  T w_prev;        // w of the previous voxel; 0 outside the volume
+  T integral;      // S
+  T dw_sum[3];     // D_a
+  T dw_alpha[3];   // E_a
+
+  TDRR_HD T weighted(int64_t offset) const {
+    T v[MaxC];
+    load_voxel<T, MaxC, false>(volume, offset, channel_stride, channels, v);
+    T w = T(0);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) w += go[c] * v[c];
+    return w;
+  }
+
+  // Adds crossings of the planes of `axis` (-1: none, a source inside) with sum dw and sum dw x alpha. Branches
+  // instead of dw_sum[axis]: a run-time index would move the arrays to local memory on the GPU.
+  TDRR_HD void add_crossings(int axis, T dw, T dw_times_alpha) {
+    if (axis == 0) {
+      dw_sum[0] += dw;
+      dw_alpha[0] += dw_times_alpha;
+    } else if (axis == 1) {
+      dw_sum[1] += dw;
+      dw_alpha[1] += dw_times_alpha;
+    } else if (axis == 2) {
+      dw_sum[2] += dw;
+      dw_alpha[2] += dw_times_alpha;
+    }
+  }
+
+  TDRR_HD void project(int64_t offset, T parameter_length) {
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) {
+      if (c < channels) scatter_add(offset + c * channel_stride, go[c] * length * parameter_length);
+    }
+  }
+
+  TDRR_HD void partial(int64_t offset, T a0, T a1, int entry_axis) {
+    if constexpr (WantRays) {
+      const T w = weighted(offset);
+      integral += w * (a1 - a0);
+      add_crossings(entry_axis, w_prev - w, (w_prev - w) * a0);
+      w_prev = w;
+    }
+    if constexpr (WantVolume) project(offset, a1 - a0);
+  }
+
+  TDRR_HD void run(int64_t offset, int64_t offset_step, int64_t n, T a_first, T delta, int axis) {
+    if constexpr (WantRays) {
+      T sum = T(0), dw_total = T(0), dw_alpha_total = T(0);
+      int64_t o = offset;
+      for (int64_t q = 0; q < n; ++q, o += offset_step) {
+        const T w = weighted(o);
+        const T dw = w_prev - w;
+        sum += w;
+        dw_total += dw;
+        dw_alpha_total += dw * (a_first + T(q) * delta);
+        w_prev = w;
+      }
+      integral += sum * delta;
+      add_crossings(axis, dw_total, dw_alpha_total);
+    }
+    if constexpr (WantVolume) {
+      for (int64_t q = 0; q < n; ++q) project(offset + q * offset_step, delta);
+    }
+  }
+};
+
+// Trilinear backward of one ray (see raycast_ray_backward). The sample positions move with the clipped part's ends.
 template <typename T, int MaxC, typename ScatterAdd>
-TDRR_HD void raycast_ray_backward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
-                                  const T* s_world, const T* t_world, bool trilinear, T step_mm, const T* grad_out,
-                                  bool want_volume, ScatterAdd& scatter_add, bool want_rays, T* grad_s_world,
-                                  T* grad_t_world) {
+TDRR_HD void trilinear_ray_backward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
+                                    const ClippedRay<T>& r, T length, T step_mm, const T* go, bool want_volume,
+                                    ScatterAdd& scatter_add, bool want_rays, T& integral, T* dS_ds, T* dS_dt) {
+  const int64_t n = trilinear_sample_count(r, length, step_mm);
+  const T h = (r.alpha_max - r.alpha_min) / T(n);
+  T sum_w = T(0);
+  T grad_from_s[3] = {T(0), T(0), T(0)}, grad_from_t[3] = {T(0), T(0), T(0)};
+  T q_min = T(0), q_max = T(0);  // sum of (grad w . d) weighted by how each sample moves with alpha_min/max
+  for (int64_t k = 0; k < n; ++k) {
+    const T u = (T(k) + T(0.5)) / T(n);
+    const T beta = r.alpha_min + (T(k) + T(0.5)) * h;
+    T x[3];
+#pragma unroll
+    for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
+    const TrilinearStencil<T> st = trilinear_stencil(g, x);
+    T w = T(0), gw[3] = {T(0), T(0), T(0)};
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      T wq = T(0);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) {
+        if (c < channels) wq += go[c] * volume[st.offset[q] + c * g.channel_stride];
+      }
+      w += st.weight[q] * wq;
+#pragma unroll
+      for (int a = 0; a < 3; ++a) gw[a] += st.dweight[a][q] * wq;
+      if (want_volume) {
+#pragma unroll
+        for (int c = 0; c < MaxC; ++c) {
+          if (c < channels) scatter_add(st.offset[q] + c * g.channel_stride, go[c] * length * h * st.weight[q]);
+        }
+      }
+    }
+    if (want_rays) {
+      sum_w += w;
+      const T gd = gw[0] * r.d[0] + gw[1] * r.d[1] + gw[2] * r.d[2];
+      q_min += gd * (T(1) - u);
+      q_max += gd * u;
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        grad_from_s[a] += gw[a] * (T(1) - beta);
+        grad_from_t[a] += gw[a] * beta;
+      }
+    }
+  }
   if (want_rays) {
+    integral = h * sum_w;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      dS_ds[a] = h * grad_from_s[a];
+      dS_dt[a] = h * grad_from_t[a];
+    }
+    // S = (alpha_max - alpha_min) / N * sum_n w(x_n): the endpoints of the clipped part move the samples and the
+    // piece length together.
+    const T inv_n = T(1) / T(n);
+    crossing_derivative(r, r.axis_min, r.alpha_min, h * q_min - sum_w * inv_n, dS_ds, dS_dt);
+    crossing_derivative(r, r.axis_max, r.alpha_max, h * q_max + sum_w * inv_n, dS_ds, dS_dt);
+  }
+}
+
+// Backward of one ray. grad_out[c] is dLoss/dF_c. Adds dLoss/dvolume into the volume gradient through
+// `scatter_add` when WantVolume, and writes dLoss/ds_world, dLoss/dt_world when WantRays.
+template <typename T, int MaxC, bool Trilinear, bool WantVolume, bool WantRays, typename ScatterAdd>
+TDRR_HD void ray_backward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels, const T* s_world,
+                          const T* t_world, T step_mm, const T* grad_out, ScatterAdd& scatter_add, T* grad_s_world,
+                          T* grad_t_world) {
+  if constexpr (WantRays) {
 #pragma unroll
     for (int a = 0; a < 3; ++a) grad_s_world[a] = grad_t_world[a] = T(0);
   }
   if (!all_finite(s_world) || !all_finite(t_world)) {
-    if (want_rays) {
+    if constexpr (WantRays) {
 #pragma unroll
       for (int a = 0; a < 3; ++a) grad_s_world[a] = grad_t_world[a] = NAN;
     }
@@ -541,89 +676,49 @@ TDRR_HD void raycast_ray_backward(const VolumeGeometry<T>& g, const T* __restric
 
   T integral = T(0);  // S = parameter-space integral of w = sum_c go_c v_c
   T dS_ds[3] = {T(0), T(0), T(0)}, dS_dt[3] = {T(0), T(0), T(0)};
-
-  if (!trilinear) {
-    T w_prev = T(0);  // w of the previous voxel; 0 outside the volume
-    auto visit = [&](int64_t offset, T a0, T a1, int axis) {
-      const T dl = a1 - a0;
-      T w = T(0);
-#pragma unroll
-      for (int c = 0; c < MaxC; ++c) {
-        if (c < channels) w += go[c] * volume[offset + c * g.channel_stride];
-      }
-      if (want_volume) {
-#pragma unroll
-        for (int c = 0; c < MaxC; ++c) {
-          if (c < channels) scatter_add(offset + c * g.channel_stride, go[c] * length * dl);
-        }
-      }
-      if (want_rays) {
-        integral += w * dl;
-        crossing_derivative(r, axis, a0, w_prev - w, dS_ds, dS_dt);
-        w_prev = w;
-      }
-    };
-    siddon_walk(g, r, visit);
-    if (want_rays) crossing_derivative(r, r.axis_max, r.alpha_max, w_prev, dS_ds, dS_dt);
+  if constexpr (Trilinear) {
+    trilinear_ray_backward<T, MaxC>(g, volume, channels, r, length, step_mm, go, WantVolume, scatter_add, WantRays,
+                                    integral, dS_ds, dS_dt);
   } else {
-    const int64_t n = trilinear_sample_count(r, length, step_mm);
-    const T h = (r.alpha_max - r.alpha_min) / T(n);
-    T sum_w = T(0);
-    T grad_from_s[3] = {T(0), T(0), T(0)}, grad_from_t[3] = {T(0), T(0), T(0)};
-    T q_min = T(0), q_max = T(0);  // sum of (grad w . d) weighted by how each sample moves with alpha_min/max
-    for (int64_t k = 0; k < n; ++k) {
-      const T u = (T(k) + T(0.5)) / T(n);
-      const T beta = r.alpha_min + (T(k) + T(0.5)) * h;
-      T x[3];
-#pragma unroll
-      for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
-      const TrilinearStencil<T> st = trilinear_stencil(g, x);
-      T w = T(0), gw[3] = {T(0), T(0), T(0)};
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        T wq = T(0);
-#pragma unroll
-        for (int c = 0; c < MaxC; ++c) {
-          if (c < channels) wq += go[c] * volume[st.offset[q] + c * g.channel_stride];
-        }
-        w += st.weight[q] * wq;
-#pragma unroll
-        for (int a = 0; a < 3; ++a) gw[a] += st.dweight[a][q] * wq;
-        if (want_volume) {
-#pragma unroll
-          for (int c = 0; c < MaxC; ++c) {
-            if (c < channels) scatter_add(st.offset[q] + c * g.channel_stride, go[c] * length * h * st.weight[q]);
-          }
-        }
-      }
-      if (want_rays) {
-        sum_w += w;
-        const T gd = gw[0] * r.d[0] + gw[1] * r.d[1] + gw[2] * r.d[2];
-        q_min += gd * (T(1) - u);
-        q_max += gd * u;
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-          grad_from_s[a] += gw[a] * (T(1) - beta);
-          grad_from_t[a] += gw[a] * beta;
-        }
-      }
-    }
-    if (want_rays) {
-      integral = h * sum_w;
+    SiddonBackwardVisitor<T, MaxC, WantVolume, WantRays, ScatterAdd> visit{
+        volume, g.channel_stride, channels, go, length, scatter_add, T(0), T(0), {T(0), T(0), T(0)},
+        {T(0), T(0), T(0)}};
+    siddon_visit(g, r, visit);
+    if constexpr (WantRays) {
+      visit.add_crossings(r.axis_max, visit.w_prev, visit.w_prev * r.alpha_max);  // leaving the volume: w drops to 0
+      integral = visit.integral;
 #pragma unroll
       for (int a = 0; a < 3; ++a) {
-        dS_ds[a] = h * grad_from_s[a];
-        dS_dt[a] = h * grad_from_t[a];
+        dS_ds[a] = (visit.dw_alpha[a] - visit.dw_sum[a]) * r.inv_d[a];
+        dS_dt[a] = -visit.dw_alpha[a] * r.inv_d[a];
       }
-      // S = (alpha_max - alpha_min) / N * sum_n w(x_n): the endpoints of the clipped part move the samples and the
-      // piece length together.
-      const T inv_n = T(1) / T(n);
-      crossing_derivative(r, r.axis_min, r.alpha_min, h * q_min - sum_w * inv_n, dS_ds, dS_dt);
-      crossing_derivative(r, r.axis_max, r.alpha_max, h * q_max + sum_w * inv_n, dS_ds, dS_dt);
     }
   }
-  if (want_rays) {
+  if constexpr (WantRays) {
     endpoint_gradients(g, s_world, t_world, length, integral, dS_ds, dS_dt, grad_s_world, grad_t_world);
+  }
+}
+
+// ray_backward with the mode and the wanted gradients chosen at run time (at least one of them wanted).
+template <typename T, int MaxC, typename ScatterAdd>
+TDRR_HD void raycast_ray_backward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
+                                  const T* s_world, const T* t_world, bool trilinear, T step_mm, const T* grad_out,
+                                  bool want_volume, ScatterAdd& scatter_add, bool want_rays, T* grad_s_world,
+                                  T* grad_t_world) {
+  const auto call = [&](auto tri, auto vol, auto rays) {
+    ray_backward<T, MaxC, decltype(tri)::value, decltype(vol)::value, decltype(rays)::value>(
+        g, volume, channels, s_world, t_world, step_mm, grad_out, scatter_add, grad_s_world, grad_t_world);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (trilinear) {
+    if (want_volume && want_rays) call(Yes{}, Yes{}, Yes{});
+    else if (want_volume) call(Yes{}, Yes{}, No{});
+    else call(Yes{}, No{}, Yes{});
+  } else {
+    if (want_volume && want_rays) call(No{}, Yes{}, Yes{});
+    else if (want_volume) call(No{}, Yes{}, No{});
+    else call(No{}, No{}, Yes{});
   }
 }
 

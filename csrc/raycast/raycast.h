@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 #include "ray_math.h"
@@ -45,6 +46,25 @@ VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affi
 // The trilinear step in mm: the requested one, or for 0 the default, half the smallest voxel spacing (the norms of
 // the affine's first three columns). Computed here rather than in Python so that torch.compile needs no .item().
 double trilinear_step_mm(const at::Tensor& affine, double requested);
+
+// The CPU ops (raycast_cpu.cpp), also the building blocks of the CPU camera op (camera_raycast_cpu.cpp).
+at::Tensor raycast_forward_cpu(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
+                               const at::Tensor& targets, int64_t mode, double step);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Tensor& grad_output,
+                                                                    const at::Tensor& volume,
+                                                                    const at::Tensor& affine,
+                                                                    const at::Tensor& sources,
+                                                                    const at::Tensor& targets, int64_t mode,
+                                                                    double step, bool volume_grad, bool rays_grad);
+
+// Checks the camera op's own contract (camera_raycast_{cpu.cpp,cuda.cu}): sources [B, 3], ray_matrices [B, 3, 3]
+// with the volume's dtype and device, a positive detector size, B <= 65535, fewer than 2^31 rays an image.
+void check_camera_inputs(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
+                         const at::Tensor& ray_matrices, int64_t height, int64_t width, int64_t supersample,
+                         int64_t mode, double step, c10::DeviceType device);
+
+// Checks dLoss/dout of the camera backward: [B, R, C] with the volume's dtype and device.
+void check_camera_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t batch, int64_t rays);
 
 // Calls f(std::integral_constant<int, MaxC>) with the smallest register bound MaxC in {1, 2, 4, 8} that holds
 // min(channels, kMaxChannelsPerWalk) channels, so that one walk of a ray serves up to 8 channels.

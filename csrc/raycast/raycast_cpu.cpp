@@ -57,6 +57,8 @@ std::vector<int64_t> locality_order(const VolumeGeometry<T>& geometry, const T* 
   return order;
 }
 
+}  // namespace
+
 at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& affine, const at::Tensor& sources_in,
                                const at::Tensor& targets_in, int64_t mode, double step) {
   check_raycast_inputs(volume_in, affine, sources_in, targets_in, mode, step, c10::DeviceType::CPU);
@@ -157,8 +159,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
   });
   return {grad_volume, grad_sources, grad_targets};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(torchdrr, CPU, m) {
   m.impl("raycast_forward", &raycast_forward_cpu);

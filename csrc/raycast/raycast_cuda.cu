@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_scatter.cuh"
 #include "raycast.h"
 
 namespace torchdrr {
@@ -31,12 +32,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                          step_mm, out + ray * channels + c0);
   }
 }
-
-template <typename T>
-struct AtomicScatter {
-  T* grad_volume;
-  __device__ __forceinline__ void operator()(int64_t offset, T value) const { atomicAdd(grad_volume + offset, value); }
-};
 
 template <typename T, int MaxC>
 __global__ void __launch_bounds__(kThreadsPerBlock)

@@ -104,6 +104,34 @@ void check_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, 
                     "] with the volume's dtype and device, got ", grad_output.sizes());
 }
 
+void check_camera_inputs(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
+                         const at::Tensor& ray_matrices, int64_t height, int64_t width, int64_t supersample,
+                         int64_t mode, double step, c10::DeviceType device) {
+  // The volume, affine, mode and step checks are raycast's; a stand-in [1, 3] ray pair passes its ray checks.
+  TORCH_CHECK_VALUE(sources.dim() == 2 && sources.size(1) == 3 && sources.size(0) >= 1 && sources.size(0) <= 65535,
+                    "camera_raycast: sources must be [B, 3] with 1 <= B <= 65535, got ", sources.sizes());
+  TORCH_CHECK_VALUE(ray_matrices.dim() == 3 && ray_matrices.size(0) == sources.size(0) && ray_matrices.size(1) == 3 &&
+                        ray_matrices.size(2) == 3,
+                    "camera_raycast: ray_matrices must be [B, 3, 3] with the B of sources, got ", ray_matrices.sizes());
+  TORCH_CHECK_TYPE(ray_matrices.scalar_type() == sources.scalar_type(),
+                   "camera_raycast: ray_matrices must have the dtype of sources, got ", ray_matrices.scalar_type());
+  TORCH_CHECK_VALUE(ray_matrices.device() == sources.device(),
+                    "camera_raycast: ray_matrices must be on the device of sources, got ", ray_matrices.device());
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1 && supersample >= 1 &&
+                        height * width * supersample * supersample < (int64_t(1) << 31),
+                    "camera_raycast: need height, width, supersample >= 1 and fewer than 2^31 rays an image, got ",
+                    height, " x ", width, " x ", supersample);
+  check_raycast_inputs(volume, affine, sources.narrow(0, 0, 1), sources.narrow(0, 0, 1), mode, step, device);
+}
+
+void check_camera_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t batch, int64_t rays) {
+  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == batch && grad_output.size(1) == rays &&
+                        grad_output.size(2) == volume.size(0) && grad_output.device() == volume.device() &&
+                        grad_output.scalar_type() == volume.scalar_type(),
+                    "camera_raycast_backward: grad_output must be [B, R, C] = [", batch, ", ", rays, ", ",
+                    volume.size(0), "] with the volume's dtype and device, got ", grad_output.sizes());
+}
+
 template VolumeGeometry<float> make_geometry<float>(const at::Tensor&, const at::Tensor&);
 template VolumeGeometry<double> make_geometry<double>(const at::Tensor&, const at::Tensor&);
 

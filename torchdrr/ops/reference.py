@@ -30,7 +30,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["default_step", "log_weighted_transmission_reference", "raycast_reference"]
+__all__ = [
+    "camera_raycast_reference",
+    "default_step",
+    "log_weighted_transmission_reference",
+    "raycast_reference",
+]
 
 
 def default_step(affine: Tensor) -> float:
@@ -122,6 +127,27 @@ def raycast_reference(
 
     out = out.transpose(0, 1).reshape(*batch_shape, vol.shape[0])  # [..., C]
     return out.squeeze(-1) if squeeze_channel else out
+
+
+def camera_raycast_reference(
+    volume: Tensor,
+    affine: Tensor,
+    sources: Tensor,
+    ray_matrices: Tensor,
+    height: int,
+    width: int,
+    mode: str = "siddon",
+    step: float | None = None,
+    supersample: int = 1,
+) -> Tensor:
+    """Reference for ``torchdrr.ops.camera_raycast``: makes every pixel's ray explicitly and integrates it with
+    :func:`raycast_reference`. Arguments and result as in ``camera_raycast`` (``sources [B, 3]``, ``ray_matrices
+    [B, 3, 3]``; returns ``[B, H * W * s * s, C]`` or ``[B, H * W * s * s]``)."""
+    from .camera_raycast import camera_pixel_grid  # the grid is the op's definition of its rays
+
+    pixels = camera_pixel_grid(height, width, supersample, dtype=sources.dtype, device=sources.device)  # [R, 3]
+    targets = sources[:, None, :] + pixels @ ray_matrices.transpose(-1, -2)  # [B, R, 3]
+    return raycast_reference(volume, affine, sources[:, None, :], targets, mode=mode, step=step)
 
 
 def _check_affine(affine: Tensor) -> None:

@@ -1,0 +1,290 @@
+// CUDA implementation of torchdrr::camera_raycast_forward and camera_raycast_backward: one thread per pixel ray,
+// the ray made from the camera inside the kernel, the per-ray math shared with every other kernel (ray_math.h).
+//
+// Why a camera kernel beside the per-ray one (raycast_cuda.cu): (1) a warp casts a compact tile of pixels instead
+// of 32 pixels of one image row; neighbouring rays cross neighbouring voxels, so a tile touches fewer cache sectors
+// per step than a row whose rays spread along one axis of the volume; (2) no [B * H * W, 3] endpoint tensors are
+// read or written; (3) the backward sums the pose gradient over each block's rays in the kernel and writes one
+// [12] partial per block (the sum over blocks is a small deterministic reduction), instead of [B * H * W, 6]
+// endpoint gradients that autograd would then reduce through the ray generation.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+
+#include "cuda_scatter.cuh"
+#include "raycast.h"
+
+namespace torchdrr {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kDefaultTileWidth = 8;
+#ifndef TORCHDRR_MIN_BLOCKS
+#define TORCHDRR_MIN_BLOCKS 1
+#endif
+constexpr int kMinBlocks = TORCHDRR_MIN_BLOCKS;
+
+// The sub-pixel grid of one image and how threads tile it: a warp covers tile_width x (32 / tile_width)
+// sub-pixels, a block 2 x 4 warp tiles, and blockIdx.y is the camera.
+struct CameraGrid {
+  int width;          // W (pixels)
+  int supersample;    // s
+  int columns;        // W * s sub-pixel columns
+  int rows;           // H * s sub-pixel rows
+  int tile_shift;     // log2 of the warp tile's width
+  int block_columns;  // 2 * tile width
+  int block_rows;     // 4 * 32 / tile width
+  int blocks_across;  // blocks per sub-pixel row band
+  int blocks;         // blocks per image
+  int64_t rays;       // H * W * s * s rays per image
+};
+
+// Warp tile width (power of two, 1..32). TORCHDRR_WARP_TILE_WIDTH overrides the default, for tuning only.
+int warp_tile_width() {
+  static const int width = [] {
+    const char* text = std::getenv("TORCHDRR_WARP_TILE_WIDTH");
+    const int value = text ? std::atoi(text) : 0;
+    return (value >= 1 && value <= 32 && (value & (value - 1)) == 0) ? value : kDefaultTileWidth;
+  }();
+  return width;
+}
+
+CameraGrid make_camera_grid(int64_t height, int64_t width, int64_t supersample) {
+  CameraGrid cam;
+  cam.width = static_cast<int>(width);
+  cam.supersample = static_cast<int>(supersample);
+  cam.columns = static_cast<int>(width * supersample);
+  cam.rows = static_cast<int>(height * supersample);
+  const int tile_width = warp_tile_width();
+  cam.tile_shift = __builtin_ctz(static_cast<unsigned>(tile_width));
+  cam.block_columns = 2 * tile_width;
+  cam.block_rows = 4 * (32 / tile_width);
+  cam.blocks_across = (cam.columns + cam.block_columns - 1) / cam.block_columns;
+  cam.blocks = cam.blocks_across * ((cam.rows + cam.block_rows - 1) / cam.block_rows);
+  cam.rays = height * width * supersample * supersample;
+  return cam;
+}
+
+// This thread's ray: its index in the image (row, column, sub-row, sub-column order) and the image coordinates
+// (u, v) of its sub-pixel centre. False for threads past the image's edge.
+template <typename T>
+__device__ __forceinline__ bool thread_ray(const CameraGrid& cam, int64_t& ray, T& u, T& v) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tile_width = 1 << cam.tile_shift;
+  const int block_x = blockIdx.x % cam.blocks_across, block_y = blockIdx.x / cam.blocks_across;
+  const int col = block_x * cam.block_columns + (warp & 1) * tile_width + (lane & (tile_width - 1));
+  const int row = block_y * cam.block_rows + (warp >> 1) * (32 >> cam.tile_shift) + (lane >> cam.tile_shift);
+  if (col >= cam.columns || row >= cam.rows) return false;
+  const int s = cam.supersample;
+  const int pixel_row = row / s, pixel_col = col / s;
+  ray = ((static_cast<int64_t>(pixel_row) * cam.width + pixel_col) * s + (row - pixel_row * s)) * s +
+        (col - pixel_col * s);
+  u = (T(col) + T(0.5)) / T(s) - T(0.5);
+  v = (T(row) + T(0.5)) / T(s) - T(0.5);
+  return true;
+}
+
+// The world endpoints of camera b's ray through (u, v): source, and source + A (u, v, 1).
+template <typename T>
+__device__ __forceinline__ void camera_endpoints(const T* __restrict__ sources, const T* __restrict__ matrices, int b,
+                                                 T u, T v, T* s, T* t) {
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    s[a] = sources[3 * b + a];
+    const T* row = matrices + 9 * b + 3 * a;
+    t[a] = s[a] + row[0] * u + row[1] * v + row[2];
+  }
+}
+
+template <typename T, int MaxC, bool Packed, bool Trilinear>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
+                          const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
+                          T step_mm, T* __restrict__ out) {
+  int64_t ray;
+  T u, v;
+  if (!thread_ray(cam, ray, u, v)) return;
+  const int b = blockIdx.y;
+  T s[3], t[3];
+  camera_endpoints(sources, matrices, b, u, v, s, t);
+  T* result = out + (b * cam.rays + ray) * channels;
+  for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
+    const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
+    ray_forward<T, MaxC, Packed, Trilinear>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, step_mm,
+                                            result + c0);
+  }
+}
+
+// Sums x[0..N) over the block; thread 0 gets the totals in out[0..N) (N <= kThreads).
+template <typename T, int N>
+__device__ __forceinline__ void block_sum(T (&x)[N], double* __restrict__ out) {
+  __shared__ T warp_sums[kWarps][N];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x[k] += __shfl_down_sync(0xffffffffu, x[k], offset);
+    if (lane == 0) warp_sums[warp][k] = x[k];
+  }
+  __syncthreads();
+  if (threadIdx.x < N) {
+    T total = T(0);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
+    out[threadIdx.x] = static_cast<double>(total);
+  }
+}
+
+// Pose gradients per block: pose_partials[b, block, 0:3] = sum (g_s + g_t) (d/d source) and [3:12] = sum g_t (u,
+// v, 1)^T (d/d ray matrix, row-major), in float64.
+template <typename T, int MaxC, bool Trilinear, bool WantVolume, bool WantPose>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    camera_backward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
+                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
+                           T step_mm, const T* __restrict__ grad_output, T* __restrict__ grad_volume,
+                           double* __restrict__ pose_partials) {
+  int64_t ray = 0;
+  T u = T(0), v = T(0);
+  const bool valid = thread_ray(cam, ray, u, v);  // no early return: the whole block joins the reduction
+  const int b = blockIdx.y;
+  T gs[3] = {T(0), T(0), T(0)}, gt[3] = {T(0), T(0), T(0)};
+  if (valid) {
+    T s[3], t[3];
+    camera_endpoints(sources, matrices, b, u, v, s, t);
+    const T* go = grad_output + (b * cam.rays + ray) * channels;
+    for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
+      const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
+      AtomicScatter<T> scatter{WantVolume ? grad_volume + c0 * geometry.channel_stride : nullptr};
+      T cs[3], ct[3];
+      ray_backward<T, MaxC, Trilinear, WantVolume, WantPose>(geometry, volume + c0 * geometry.channel_stride, chunk,
+                                                             s, t, step_mm, go + c0, scatter, cs, ct);
+      if constexpr (WantPose) {
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          gs[a] += cs[a];
+          gt[a] += ct[a];
+        }
+      }
+    }
+  }
+  if constexpr (WantPose) {
+    T parts[12] = {gs[0] + gt[0], gs[1] + gt[1], gs[2] + gt[2], gt[0] * u, gt[0] * v, gt[0],
+                   gt[1] * u,     gt[1] * v,     gt[1],         gt[2] * u, gt[2] * v, gt[2]};
+    block_sum(parts, pose_partials + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * 12);
+  }
+}
+
+// Calls f(std::integral_constant<int, MaxC>) with MaxC in {1, 2, 4}: the camera kernels walk up to 4 channels at a
+// time (the DRR's materials are 3 or 4 channels), which halves their compile time against dispatch_channels.
+template <typename F>
+void dispatch_camera_channels(int64_t channels, F&& f) {
+  if (channels <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (channels <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 4>{});
+  }
+}
+
+at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Tensor& affine,
+                                       const at::Tensor& sources_in, const at::Tensor& matrices_in, int64_t height,
+                                       int64_t width, int64_t supersample, int64_t mode, double step) {
+  check_camera_inputs(volume_in, affine, sources_in, matrices_in, height, width, supersample, mode, step,
+                      c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(volume_in.device());
+  const at::Tensor volume = dense_volume(volume_in);
+  const at::Tensor sources = sources_in.contiguous(), matrices = matrices_in.contiguous();
+  const int64_t batch = sources.size(0), channels = volume.size(0);
+  const CameraGrid cam = make_camera_grid(height, width, supersample);
+  at::Tensor out = at::empty({batch, cam.rays, channels}, volume.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(cam.blocks), static_cast<unsigned>(batch));
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "camera_raycast_forward_cuda", [&] {
+    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
+    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
+    dispatch_camera_channels(channels, [&](auto max_channels) {
+      constexpr int kMaxC = decltype(max_channels)::value;
+      const auto launch = [&](auto packed, auto trilinear) {
+        camera_forward_kernel<scalar_t, kMaxC, decltype(packed)::value, decltype(trilinear)::value>
+            <<<grid, kThreads, 0, stream>>>(geometry, volume.const_data_ptr<scalar_t>(), channels,
+                                            sources.const_data_ptr<scalar_t>(), matrices.const_data_ptr<scalar_t>(),
+                                            cam, step_mm, out.mutable_data_ptr<scalar_t>());
+      };
+      const bool packed = has_packed_channels(volume, kMaxC);
+      if (mode == kTrilinear) {
+        packed ? launch(std::true_type{}, std::true_type{}) : launch(std::false_type{}, std::true_type{});
+      } else {
+        packed ? launch(std::true_type{}, std::false_type{}) : launch(std::false_type{}, std::false_type{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(
+    const at::Tensor& grad_output_in, const at::Tensor& volume_in, const at::Tensor& affine,
+    const at::Tensor& sources_in, const at::Tensor& matrices_in, int64_t height, int64_t width, int64_t supersample,
+    int64_t mode, double step, bool volume_grad, bool pose_grad) {
+  check_camera_inputs(volume_in, affine, sources_in, matrices_in, height, width, supersample, mode, step,
+                      c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(volume_in.device());
+  const at::Tensor volume = dense_volume(volume_in);
+  const at::Tensor sources = sources_in.contiguous(), matrices = matrices_in.contiguous();
+  const int64_t batch = sources.size(0), channels = volume.size(0);
+  const CameraGrid cam = make_camera_grid(height, width, supersample);
+  check_camera_grad_output(grad_output_in, volume, batch, cam.rays);
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  // The volume gradient shares the volume's strides so that voxel offsets mean the same thing in both.
+  at::Tensor grad_volume = volume_grad ? at::zeros_like(volume) : at::empty({0}, volume.options());
+  at::Tensor partials = pose_grad ? at::empty({batch, cam.blocks, 12}, volume.options().dtype(at::kDouble))
+                                  : at::empty({0}, volume.options().dtype(at::kDouble));
+  if (!volume_grad && !pose_grad) {
+    return {grad_volume, at::empty({0}, volume.options()), at::empty({0}, volume.options())};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(cam.blocks), static_cast<unsigned>(batch));
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "camera_raycast_backward_cuda", [&] {
+    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
+    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
+    dispatch_camera_channels(channels, [&](auto max_channels) {
+      constexpr int kMaxC = decltype(max_channels)::value;
+      const auto launch = [&](auto trilinear, auto want_volume, auto want_pose) {
+        camera_backward_kernel<scalar_t, kMaxC, decltype(trilinear)::value, decltype(want_volume)::value,
+                               decltype(want_pose)::value><<<grid, kThreads, 0, stream>>>(
+            geometry, volume.const_data_ptr<scalar_t>(), channels, sources.const_data_ptr<scalar_t>(),
+            matrices.const_data_ptr<scalar_t>(), cam, step_mm, grad_output.const_data_ptr<scalar_t>(),
+            volume_grad ? grad_volume.mutable_data_ptr<scalar_t>() : nullptr,
+            pose_grad ? partials.mutable_data_ptr<double>() : nullptr);
+      };
+      const auto with_mode = [&](auto trilinear) {
+        if (volume_grad && pose_grad) {
+          launch(trilinear, std::true_type{}, std::true_type{});
+        } else if (volume_grad) {
+          launch(trilinear, std::true_type{}, std::false_type{});
+        } else {
+          launch(trilinear, std::false_type{}, std::true_type{});
+        }
+      };
+      mode == kTrilinear ? with_mode(std::true_type{}) : with_mode(std::false_type{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!pose_grad) return {grad_volume, at::empty({0}, volume.options()), at::empty({0}, volume.options())};
+  const at::Tensor totals = partials.sum(1).to(volume.scalar_type());  // [B, 12]
+  return {grad_volume, totals.narrow(1, 0, 3).contiguous(), totals.narrow(1, 3, 9).reshape({batch, 3, 3})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchdrr, CUDA, m) {
+  m.impl("camera_raycast_forward", &camera_raycast_forward_cuda);
+  m.impl("camera_raycast_backward", &camera_raycast_backward_cuda);
+}
+
+}  // namespace torchdrr

@@ -1,0 +1,186 @@
+"""The camera ray-casting op: ``torchdrr.ops.camera_raycast``, line integrals of whole detector images.
+
+``raycast`` takes one source and one target per ray. A DRR's rays all come from a pinhole camera, so this op takes
+the camera instead and makes each pixel's ray inside the kernel: for pose ``b`` and the pixel (sub-pixel) centre at
+image coordinates ``(u, v)`` (column, row),
+
+    source = sources[b],    target = sources[b] + ray_matrices[b] @ (u, v, 1).
+
+``ray_matrices`` is ``SDD * R^T K^-1`` (``torchdrr.geometry.camera_ray_parameters``), so the target is the pixel's
+point on the detector plane: the rays of ``torchdrr.geometry.pixel_rays``. Why a separate op: no ``[B * H * W, 3]``
+endpoint tensors are made, saved or differentiated (at 1240 x 960 they cost more than the ray cast), the CUDA kernel
+maps each warp to a compact tile of pixels whose rays read the same voxels, and the backward reduces the pose
+gradient over each block of rays inside the kernel, giving the ``[B, 3]`` and ``[B, 3, 3]`` gradients directly.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._extension import require_kernels_for
+from .raycast import RAYCAST_MODES
+
+__all__ = ["camera_pixel_grid", "camera_raycast"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+@torch.library.register_fake("torchdrr::camera_raycast_forward")
+def _forward_fake(volume, affine, sources, ray_matrices, height, width, supersample, mode, step):
+    rays = height * width * supersample * supersample
+    return volume.new_empty((sources.shape[0], rays, volume.shape[0]))
+
+
+@torch.library.register_fake("torchdrr::camera_raycast_backward")
+def _backward_fake(
+    grad_output, volume, affine, sources, ray_matrices, height, width, supersample, mode, step, volume_grad, pose_grad
+):
+    grad_volume = torch.empty_like(volume) if volume_grad else volume.new_empty((0,))
+    batch = sources.shape[0]
+    grad_sources = volume.new_empty((batch, 3)) if pose_grad else volume.new_empty((0,))
+    grad_matrices = volume.new_empty((batch, 3, 3)) if pose_grad else volume.new_empty((0,))
+    return grad_volume, grad_sources, grad_matrices
+
+
+def _setup_context(ctx, inputs, output):
+    volume, affine, sources, ray_matrices, height, width, supersample, mode, step = inputs
+    ctx.save_for_backward(volume, affine, sources, ray_matrices)
+    ctx.args = (height, width, supersample, mode, step)
+
+
+def _backward(ctx, grad_output):
+    volume, affine, sources, ray_matrices = ctx.saved_tensors
+    want_volume = ctx.needs_input_grad[0]
+    want_pose = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    grad_volume, grad_sources, grad_matrices = torch.ops.torchdrr.camera_raycast_backward(
+        grad_output.contiguous(), volume, affine, sources, ray_matrices, *ctx.args, want_volume, want_pose
+    )
+    return (
+        grad_volume if want_volume else None,
+        None,
+        grad_sources if ctx.needs_input_grad[2] else None,
+        grad_matrices if ctx.needs_input_grad[3] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("torchdrr::camera_raycast_forward", _backward, setup_context=_setup_context)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def camera_raycast(
+    volume: Tensor,
+    affine: Tensor | np.ndarray,
+    sources: Tensor,
+    ray_matrices: Tensor,
+    height: int,
+    width: int,
+    mode: str = "siddon",
+    step: float | None = None,
+    supersample: int = 1,
+) -> Tensor:
+    """Integrates a volume along every pixel ray of a batch of pinhole cameras (one kernel launch for the batch).
+
+    Args:
+        volume: ``[C, I, J, K]`` or ``[I, J, K]`` float32/float64 values per voxel, as in ``torchdrr.raycast``.
+        affine: ``[4, 4]`` voxel index -> world mm. Any device; gradients do not flow to it.
+        sources: ``[B, 3]`` X-ray source positions in world mm (volume's dtype and device).
+        ray_matrices: ``[B, 3, 3]`` maps a pixel's homogeneous image coordinates ``(u, v, 1)`` (column, row) to the
+            vector from the source to the pixel's point on the detector, in world mm: ``SDD * R^T K^-1``
+            (``torchdrr.geometry.camera_ray_parameters``).
+        height: detector rows H.
+        width: detector columns W.
+        mode: ``"siddon"`` or ``"trilinear"`` (see ``torchdrr.raycast``).
+        step: trilinear sample spacing in mm (default half the smallest voxel spacing); Siddon takes none.
+        supersample: ``s`` rays per pixel along each axis through the centres of an ``s x s`` sub-pixel grid
+            (offsets ``(k + 1/2) / s - 1/2`` pixel).
+
+    Returns:
+        ``[B, H * W * s * s, C]`` (``[B, H * W * s * s]`` for a 3D volume), ordered row, column, sub-row,
+        sub-column like ``torchdrr.geometry.pixel_rays``: line integrals in volume units x mm.
+
+    Gradients reach ``volume`` (back-projection), ``sources`` and ``ray_matrices``, each only when needed; the pose
+    gradients are reduced over the rays inside the kernel. Works under ``torch.compile(fullgraph=True)``.
+    """
+    for name, value in (("volume", volume), ("sources", sources), ("ray_matrices", ray_matrices)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if volume.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"volume must be float32 or float64, got {volume.dtype} (convert with volume.float() first)")
+    if volume.dim() not in (3, 4) or volume.numel() == 0:
+        raise ValueError(f"volume must be a non-empty [I, J, K] or [C, I, J, K], got shape {tuple(volume.shape)}")
+    if sources.dim() != 2 or sources.shape[-1] != 3:
+        raise ValueError(f"sources must be [B, 3] source positions in mm, got shape {tuple(sources.shape)}")
+    if tuple(ray_matrices.shape) != (sources.shape[0], 3, 3):
+        raise ValueError(
+            f"ray_matrices must be [B, 3, 3] = [{sources.shape[0]}, 3, 3] (one per source), got "
+            f"{tuple(ray_matrices.shape)}"
+        )
+    for name, value in (("sources", sources), ("ray_matrices", ray_matrices)):
+        if value.dtype != volume.dtype:
+            raise TypeError(f"{name} must have the volume's dtype {volume.dtype}, got {value.dtype}")
+        if value.device != volume.device:
+            raise ValueError(f"{name} must be on the volume's device {volume.device}, got {value.device}")
+    if sources.shape[0] == 0:
+        raise ValueError("sources must hold at least one camera, got a batch of 0")
+    if sources.shape[0] > 65535:
+        raise ValueError(f"one call renders at most 65535 cameras, got {sources.shape[0]}: split the batch")
+    height, width = _positive_int("height", height), _positive_int("width", width)
+    supersample = _positive_int("supersample", supersample)
+    if height * width * supersample * supersample >= 2**31:
+        raise ValueError(
+            f"an image must have fewer than 2**31 rays, got {height} x {width} pixels x {supersample}^2 sub-pixels"
+        )
+    require_kernels_for(volume.device, "volume")
+    if isinstance(affine, np.ndarray):
+        affine = torch.from_numpy(affine)
+    if not isinstance(affine, Tensor):
+        raise TypeError(f"affine must be a torch.Tensor, got {type(affine).__name__}")
+    if tuple(affine.shape) != (4, 4):
+        raise ValueError(f"affine must be [4, 4], got shape {tuple(affine.shape)}")
+    if not affine.is_floating_point():
+        raise TypeError(f"affine must be a floating-point tensor, got {affine.dtype}")
+    affine = affine.detach().to(device="cpu", dtype=torch.float64)
+    if mode not in RAYCAST_MODES:
+        raise ValueError(f"mode must be one of {sorted(RAYCAST_MODES)}, got {mode!r}")
+    if step is None:
+        step_mm = 0.0  # the kernel uses half the smallest voxel spacing
+    else:
+        if mode != "trilinear":
+            raise ValueError(f"step applies to mode='trilinear' only, got step={step!r} with mode={mode!r}")
+        if isinstance(step, bool) or not isinstance(step, Real) or not math.isfinite(step) or step <= 0:
+            raise ValueError(f"step must be a positive number of mm, got {step!r}")
+        step_mm = float(step)
+    volume4 = volume if volume.dim() == 4 else volume.unsqueeze(0)
+    out = torch.ops.torchdrr.camera_raycast_forward(
+        volume4, affine, sources.contiguous(), ray_matrices.contiguous(), height, width, supersample,
+        RAYCAST_MODES[mode], step_mm,
+    )  # fmt: skip
+    return out if volume.dim() == 4 else out.squeeze(-1)
+
+
+def camera_pixel_grid(
+    height: int, width: int, supersample: int = 1, dtype: torch.dtype = torch.float64, device=None
+) -> Tensor:
+    """Homogeneous image coordinates ``(u, v, 1)`` ``[H * W * s * s, 3]`` of the rays ``camera_raycast`` casts, in
+    its order (row, column, sub-row, sub-column): what ``ray_matrices`` multiplies."""
+    offsets = (torch.arange(supersample, dtype=dtype, device=device) + 0.5) / supersample - 0.5
+    rows = torch.arange(height, dtype=dtype, device=device)[:, None, None, None] + offsets[None, None, :, None]
+    cols = torch.arange(width, dtype=dtype, device=device)[None, :, None, None] + offsets[None, None, None, :]
+    shape = (height, width, supersample, supersample)
+    u, v = cols.expand(shape).reshape(-1), rows.expand(shape).reshape(-1)
+    return torch.stack([u, v, torch.ones_like(u)], dim=-1)
