@@ -22,11 +22,18 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kDefaultTileWidth = 8;
-#ifndef TORCHDRR_MIN_BLOCKS
-#define TORCHDRR_MIN_BLOCKS 1
+constexpr int kDefaultTileWidth = 4;
+// Register caps through __launch_bounds__ (blocks of 256 threads per SM): 4 for the forward (64 registers, 50 %
+// occupancy) and 3 for the backward (80 registers). Uncapped, the forward took 128 registers (25 % occupancy) and
+// 1.3x its capped time on the H100 (benchmarks/NOTES.md). Overridable at build time for tuning.
+#ifndef TORCHDRR_FORWARD_MIN_BLOCKS
+#define TORCHDRR_FORWARD_MIN_BLOCKS 4
 #endif
-constexpr int kMinBlocks = TORCHDRR_MIN_BLOCKS;
+#ifndef TORCHDRR_BACKWARD_MIN_BLOCKS
+#define TORCHDRR_BACKWARD_MIN_BLOCKS 3
+#endif
+constexpr int kForwardMinBlocks = TORCHDRR_FORWARD_MIN_BLOCKS;
+constexpr int kBackwardMinBlocks = TORCHDRR_BACKWARD_MIN_BLOCKS;
 
 // The sub-pixel grid of one image and how threads tile it: a warp covers tile_width x (32 / tile_width)
 // sub-pixels, a block 2 x 4 warp tiles, and blockIdx.y is the camera.
@@ -101,7 +108,7 @@ __device__ __forceinline__ void camera_endpoints(const T* __restrict__ sources, 
 }
 
 template <typename T, int MaxC, bool Packed, bool Trilinear>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
     camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
                           T step_mm, T* __restrict__ out) {
@@ -114,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   T* result = out + (b * cam.rays + ray) * channels;
   for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
     const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
-    ray_forward<T, MaxC, Packed, Trilinear>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, step_mm,
+    ray_forward<T, MaxC, Packed, Trilinear, /*Steps=*/true>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, step_mm,
                                             result + c0);
   }
 }
@@ -142,7 +149,7 @@ __device__ __forceinline__ void block_sum(T (&x)[N], double* __restrict__ out) {
 // Pose gradients per block: pose_partials[b, block, 0:3] = sum (g_s + g_t) (d/d source) and [3:12] = sum g_t (u,
 // v, 1)^T (d/d ray matrix, row-major), in float64.
 template <typename T, int MaxC, bool Trilinear, bool WantVolume, bool WantPose>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
     camera_backward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                            const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
                            T step_mm, const T* __restrict__ grad_output, T* __restrict__ grad_volume,
@@ -160,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
       AtomicScatter<T> scatter{WantVolume ? grad_volume + c0 * geometry.channel_stride : nullptr};
       T cs[3], ct[3];
-      ray_backward<T, MaxC, Trilinear, WantVolume, WantPose>(geometry, volume + c0 * geometry.channel_stride, chunk,
+      ray_backward<T, MaxC, Trilinear, WantVolume, WantPose, /*Steps=*/true>(geometry, volume + c0 * geometry.channel_stride, chunk,
                                                              s, t, step_mm, go + c0, scatter, cs, ct);
       if constexpr (WantPose) {
 #pragma unroll
@@ -277,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(
   });
   if (!pose_grad) return {grad_volume, at::empty({0}, volume.options()), at::empty({0}, volume.options())};
   const at::Tensor totals = partials.sum(1).to(volume.scalar_type());  // [B, 12]
-  return {grad_volume, totals.narrow(1, 0, 3).contiguous(), totals.narrow(1, 3, 9).reshape({batch, 3, 3})};
+  // Fresh tensors (storage offset 0), as the fake kernel promises.
+  return {grad_volume, totals.narrow(1, 0, 3).clone(), totals.narrow(1, 3, 9).reshape({batch, 3, 3}).clone()};
 }
 
 }  // namespace

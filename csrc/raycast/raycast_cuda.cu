@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const T t[3] = {targets[3 * ray], targets[3 * ray + 1], targets[3 * ray + 2]};
   for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
     const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
-    raycast_ray_forward<T, MaxC, Packed>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, trilinear,
+    raycast_ray_forward<T, MaxC, Packed, /*Steps=*/true>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, trilinear,
                                          step_mm, out + ray * channels + c0);
   }
 }
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
     AtomicScatter<T> scatter{want_volume ? grad_volume + c0 * geometry.channel_stride : nullptr};
     T gs[3], gt[3];
-    raycast_ray_backward<T, MaxC>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, trilinear, step_mm,
+    raycast_ray_backward<T, MaxC, /*Steps=*/true>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, trilinear, step_mm,
                                   grad_output + ray * channels + c0, want_volume, scatter, want_rays, gs, gt);
     if (want_rays) {
 #pragma unroll

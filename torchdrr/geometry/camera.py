@@ -126,7 +126,8 @@ def camera_ray_parameters(
     :func:`pixel_rays`, without making them.
 
     Args:
-        intrinsics: ``[3, 3]`` or ``[B, 3, 3]`` K.
+        intrinsics: ``[3, 3]`` or ``[B, 3, 3]`` K, upper triangular as every pinhole K is (only its upper
+            triangle is read).
         rotation: ``[B, 3, 3]`` or ``[3, 3]`` world -> camera rotation R.
         translation: ``[B, 3]`` or ``[3]`` world -> camera translation t (mm).
         sdd_mm: source-to-detector distance (mm).
@@ -144,7 +145,11 @@ def camera_ray_parameters(
         )
     if not (float(sdd_mm) > 0) or not math.isfinite(float(sdd_mm)):
         raise ValueError(f"sdd_mm must be a positive distance in mm, got {sdd_mm}")
-    k_inv = torch.linalg.inv_ex(intrinsics.to(dtype=rotation.dtype, device=rotation.device))[0]
+    intrinsics = intrinsics.to(dtype=rotation.dtype, device=rotation.device)
+    # K is upper triangular (a pinhole: design.md §3), so K^-1 is one triangular solve: on a GPU, one small kernel
+    # instead of a general inverse's factorisation.
+    eye = torch.eye(3, dtype=rotation.dtype, device=rotation.device)
+    k_inv = torch.linalg.solve_triangular(intrinsics, eye.expand_as(intrinsics), upper=True)
     rotation_t = rotation.transpose(-1, -2)
     sources = -(rotation_t @ translation.unsqueeze(-1)).squeeze(-1)
     return sources, sdd_mm * (rotation_t @ k_inv)

@@ -61,43 +61,24 @@ def carm_extrinsics(
     if not (sod_mm > 0) or not math.isfinite(sod_mm):
         raise ValueError(f"sod_mm must be a positive distance in mm, got {sod_mm}")
     dtype, device = isocenter.dtype, isocenter.device
-    a = torch.as_tensor(primary_deg, dtype=dtype, device=device).reshape(-1)
-    b = torch.as_tensor(secondary_deg, dtype=dtype, device=device).reshape(-1)
-    c = torch.as_tensor(inplane_deg, dtype=dtype, device=device).reshape(-1)
-    a, b, c = torch.broadcast_tensors(a, b, c)
-    ra, rb = torch.deg2rad(a), torch.deg2rad(b)
-    zero, one = torch.zeros_like(ra), torch.ones_like(ra)
-    rot_primary = torch.stack(
-        [
-            torch.stack([torch.cos(ra), -torch.sin(ra), zero], -1),
-            torch.stack([torch.sin(ra), torch.cos(ra), zero], -1),
-            torch.stack([zero, zero, one], -1),
-        ],
-        -2,
+    angles = torch.broadcast_tensors(
+        *(torch.as_tensor(x, dtype=dtype, device=device).reshape(-1) for x in (primary_deg, secondary_deg, inplane_deg))
     )
-    rot_secondary = torch.stack(
-        [
-            torch.stack([one, zero, zero], -1),
-            torch.stack([zero, torch.cos(rb), -torch.sin(rb)], -1),
-            torch.stack([zero, torch.sin(rb), torch.cos(rb)], -1),
-        ],
-        -2,
-    )
-    # Columns: the camera axes at (0, 0) expressed in the world frame.
-    frontal = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=dtype, device=device)
-    rc = torch.deg2rad(c)
-    rot_inplane = torch.stack(
-        [
-            torch.stack([torch.cos(rc), -torch.sin(rc), zero], -1),
-            torch.stack([torch.sin(rc), torch.cos(rc), zero], -1),
-            torch.stack([zero, zero, one], -1),
-        ],
-        -2,
-    )
-    # The in-plane turn acts in the camera frame (about its z axis), after the C-arm's own rotations.
-    camera_to_world = rot_primary @ rot_secondary @ frontal @ rot_inplane.transpose(-1, -2)
-    rotation = camera_to_world.transpose(-1, -2)
-    source = isocenter - sod_mm * camera_to_world[..., :, 2]
+    # One sin and one cos for all three angles, and the three rotations written out: this runs on every render,
+    # and on a GPU each small tensor op costs a kernel launch (the stacked-matrix form took ~40 of them).
+    radians = torch.deg2rad(torch.stack(angles))  # [3, B]
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    ca, cb, cc = cos.unbind(0)
+    sa, sb, sc = sin.unbind(0)
+    # Columns of Rz(a) Rx(b) F, with F the frontal camera axes (x, z, -y) as columns.
+    col_x = torch.stack([ca, sa, torch.zeros_like(ca)], -1)
+    col_y = torch.stack([-sa * sb, ca * sb, -cb], -1)
+    col_z = torch.stack([-sa * cb, ca * cb, sb], -1)
+    # The in-plane turn acts in the camera frame (about its z axis), after the C-arm's own rotations:
+    # camera_to_world = Rz(a) Rx(b) F Rz(c)^T, so the rows of R = camera_to_world^T are:
+    cc, sc = cc.unsqueeze(-1), sc.unsqueeze(-1)
+    rotation = torch.stack([cc * col_x - sc * col_y, sc * col_x + cc * col_y, col_z], -2)  # [B, 3, 3]
+    source = isocenter - sod_mm * col_z
     translation = -(rotation @ source.unsqueeze(-1)).squeeze(-1)
     return rotation, translation
 
