@@ -214,11 +214,17 @@ def test_cuda_matches_cpu_on_a_clinical_size(mode, channels) -> None:
         angles, torch.tensor([0.0, 10.0, -5.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
         height=77, width=93, pixel_spacing_mm=(1.3, 1.1),
     )  # fmt: skip
-    sources, matrices = (x.float() for x in camera.ray_parameters())
+    sources64, matrices64 = camera.ray_parameters()
+    sources, matrices = sources64.float(), matrices64.float()
     cpu = camera_raycast(volume, affine, sources, matrices, 77, 93, mode=mode)
-    cuda = camera_raycast(volume.cuda(), affine, sources.cuda(), matrices.cuda(), 77, 93, mode=mode)
-    assert float(cpu.abs().max()) > 1.0
-    torch.testing.assert_close(cuda.cpu(), cpu, rtol=2e-5, atol=2e-4)
+    cuda = camera_raycast(volume.cuda(), affine, sources.cuda(), matrices.cuda(), 77, 93, mode=mode).cpu()
+    exact = camera_raycast(volume.double(), affine, sources64, matrices64, 77, 93, mode=mode)
+    assert float(exact.abs().max()) > 1.0
+    # The GPU (its own float32 ray arithmetic and walk) is as accurate as the CPU's float32: rays nearly parallel to
+    # voxel faces turn endpoint rounding into differences far above the chord tolerance, in both.
+    cpu_error, cuda_error = (cpu.double() - exact).abs(), (cuda.double() - exact).abs()
+    assert float(cuda_error.max()) <= 2 * float(cpu_error.max()) + 1e-6 * float(exact.abs().max())
+    assert float(cuda_error.mean()) <= 2 * float(cpu_error.mean()) + 1e-7 * float(exact.abs().max())
 
     # Backward: pose (reduced per block on the GPU) and volume (atomic back-projection).
     weights = torch.rand(cpu.shape, generator=generator)

@@ -119,6 +119,11 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
   T s[3], t[3];
   camera_endpoints(sources, matrices, b, u, v, s, t);
   T* result = out + (b * cam.rays + ray) * channels;
+  if (channels <= MaxC) {  // the usual case, without the chunk loop's offsets (registers are tight here)
+    ray_forward<T, MaxC, Packed, Trilinear, /*Steps=*/true>(geometry, volume, static_cast<int>(channels), s, t,
+                                                            step_mm, result);
+    return;
+  }
   for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
     const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
     ray_forward<T, MaxC, Packed, Trilinear, /*Steps=*/true>(geometry, volume + c0 * geometry.channel_stride, chunk, s, t, step_mm,
@@ -205,6 +210,7 @@ at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Te
                       c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(volume_in.device());
   const at::Tensor volume = dense_volume(volume_in);
+  check_int32_span(volume);
   const at::Tensor sources = sources_in.contiguous(), matrices = matrices_in.contiguous();
   const int64_t batch = sources.size(0), channels = volume.size(0);
   const CameraGrid cam = make_camera_grid(height, width, supersample);
@@ -242,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(
                       c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(volume_in.device());
   const at::Tensor volume = dense_volume(volume_in);
+  check_int32_span(volume);
   const at::Tensor sources = sources_in.contiguous(), matrices = matrices_in.contiguous();
   const int64_t batch = sources.size(0), channels = volume.size(0);
   const CameraGrid cam = make_camera_grid(height, width, supersample);

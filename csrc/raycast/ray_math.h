@@ -315,25 +315,26 @@ TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
 template <typename T, typename Visitor>
 TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
   if (!r.hit) return;
-  int64_t offset = 0, last_offset = 0, offset_step[3];
-  T plane[3], next[3];
+  // 32-bit element offsets (the CUDA ops check that a volume spans fewer than 2^31 elements): a 64-bit multiply
+  // or compare is several instructions, and this loop runs once per voxel.
+  int offset = 0, last_offset = 0, offset_step[3];
+  T plane[3], plane_step[3], next[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const T x = r.s[a] + r.alpha_min * r.d[a];
-    const int64_t idx = entry_voxel(x, r.d[a], g.size[a]);
-    offset += idx * g.voxel_stride[a];
-    last_offset += (g.size[a] - 1) * g.voxel_stride[a];
+    const int idx = static_cast<int>(entry_voxel(x, r.d[a], g.size[a]));
+    offset += idx * static_cast<int>(g.voxel_stride[a]);
+    last_offset += static_cast<int>((g.size[a] - 1) * g.voxel_stride[a]);
     const int step = r.d[a] > T(0) ? 1 : (r.d[a] < T(0) ? -1 : 0);
-    offset_step[a] = step * g.voxel_stride[a];
+    offset_step[a] = step * static_cast<int>(g.voxel_stride[a]);
+    plane_step[a] = T(step);
     plane[a] = T(idx) + T(0.5) * T(step);  // the next plane crossed on axis a (exact in floating point)
     next[a] = step == 0 ? T(INFINITY) : plane_alpha(plane[a], r.s[a], r.inv_d[a]);
   }
-  const T plane_step[3] = {r.d[0] > T(0) ? T(1) : T(-1), r.d[1] > T(0) ? T(1) : T(-1),
-                           r.d[2] > T(0) ? T(1) : T(-1)};
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
-  const int64_t max_steps = g.size[0] + g.size[1] + g.size[2] + 3;
-  for (int64_t n = 0; n < max_steps; ++n) {
+  const int max_steps = static_cast<int>(g.size[0] + g.size[1] + g.size[2]) + 3;
+  for (int n = 0; n < max_steps; ++n) {
     const bool first_before_second = next[0] <= next[1];
     const T nearest01 = first_before_second ? next[0] : next[1];
     const bool third = next[2] < nearest01;
@@ -341,25 +342,29 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     const bool exits = !(crossing < r.alpha_max);
     T end = exits ? r.alpha_max : crossing;
     end = end > alpha ? end : alpha;
-    if (offset >= 0 && offset <= last_offset) visit.segment(offset, alpha, end, entry_axis);
+    // One unsigned compare covers both ends (a negative offset wraps to a huge one).
+    if (static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset)) {
+      visit.segment(offset, alpha, end, entry_axis);
+    }
     if (exits) return;
     alpha = end;
-    const int axis = third ? 2 : (first_before_second ? 0 : 1);
-    // Selections on the three registers; an array indexed by `axis` would live in local memory on the GPU.
-    if (axis == 0) {
+    // Independent predicated updates of the three registers instead of an if/else chain, which the compiler turned
+    // into divergent branches; an array indexed by the axis would live in local memory on the GPU.
+    const bool cross0 = !third && first_before_second, cross1 = !third && !first_before_second;
+    if (cross0) {
       plane[0] += plane_step[0];
       next[0] = plane_alpha(plane[0], r.s[0], r.inv_d[0]);
-      offset += offset_step[0];
-    } else if (axis == 1) {
+    }
+    if (cross1) {
       plane[1] += plane_step[1];
       next[1] = plane_alpha(plane[1], r.s[1], r.inv_d[1]);
-      offset += offset_step[1];
-    } else {
+    }
+    if (third) {
       plane[2] += plane_step[2];
       next[2] = plane_alpha(plane[2], r.s[2], r.inv_d[2]);
-      offset += offset_step[2];
     }
-    entry_axis = axis;
+    offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
+    entry_axis = third ? 2 : (cross0 ? 0 : 1);
   }
 }
 

@@ -33,6 +33,10 @@ inline at::Tensor dense_volume(const at::Tensor& volume) {
   return volume.is_non_overlapping_and_dense() ? volume : volume.contiguous();
 }
 
+// The GPU walk (siddon_steps) keeps element offsets in 32 bits: checks that the volume spans fewer than 2^31
+// elements (8 GiB of float32), with a clear error otherwise.
+void check_int32_span(const at::Tensor& volume);
+
 // True when the volume is channels-last ([C, I, J, K] viewed from a contiguous [I, J, K, C]) with exactly
 // max_channels channels and 16-byte-aligned voxels, so the CUDA forward can read a voxel's channels with vector
 // loads (ray_math.h, load_voxel). The DRR module lays its material densities out this way.

@@ -73,6 +73,7 @@ at::Tensor raycast_forward_cuda(const at::Tensor& volume_in, const at::Tensor& a
   check_raycast_inputs(volume_in, affine, sources_in, targets_in, mode, step, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(volume_in.device());
   const at::Tensor volume = dense_volume(volume_in);
+  check_int32_span(volume);
   const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
   const int64_t n_rays = sources.size(0), channels = volume.size(0);
   at::Tensor out = at::empty({n_rays, channels}, volume.options());
@@ -109,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cuda(const at::T
   check_raycast_inputs(volume_in, affine, sources_in, targets_in, mode, step, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(volume_in.device());
   const at::Tensor volume = dense_volume(volume_in);
+  check_int32_span(volume);
   const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
   const int64_t n_rays = sources.size(0), channels = volume.size(0);
   check_grad_output(grad_output_in, volume, n_rays);

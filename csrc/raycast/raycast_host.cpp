@@ -76,6 +76,13 @@ VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affi
   return g;
 }
 
+void check_int32_span(const at::Tensor& volume) {
+  int64_t span = 1;
+  for (int d = 0; d < volume.dim(); ++d) span += (volume.size(d) - 1) * volume.stride(d);
+  TORCH_CHECK_VALUE(span < (int64_t(1) << 31), "raycast: on the GPU a volume must span fewer than 2^31 elements, got ",
+                    span, " (shape ", volume.sizes(), "); split the channels or render on the CPU");
+}
+
 bool has_packed_channels(const at::Tensor& volume, int64_t max_channels) {
   if (volume.size(0) != max_channels || volume.stride(0) != 1) return false;
   for (int d = 1; d < 4; ++d) {
