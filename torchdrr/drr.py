@@ -445,12 +445,18 @@ class DRR(nn.Module):
         if not isinstance(camera, Camera):
             raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
         camera = camera.to(device=self.device)
-        # The camera op makes each pixel's ray in the kernel: no [B, H * W, 3] endpoint tensors (pixel_rays + cast
-        # give the same integrals).
         sources, ray_matrices = camera.ray_parameters()
+        return self.cast_camera(sources, ray_matrices, camera.height, camera.width)
+
+    def cast_camera(self, sources: Tensor, ray_matrices: Tensor, height: int, width: int) -> Tensor:
+        """Per-material mass thicknesses (g/cm^2) along the pixel rays of B cameras given as ``sources [B, 3]`` and
+        ``ray_matrices [B, 3, 3]`` (``torchdrr.ops.camera_raycast``; ``Camera.ray_parameters``), with the module's
+        supersampling: ``[B, H * W * s * s, M]``. The camera op makes each pixel's ray in the kernel, so no
+        ``[B, H * W, 3]`` endpoint tensors are made (``cast`` along ``pixel_rays`` gives the same integrals)."""
         integrals = camera_raycast(
-            self.material_volume(), self.affine, sources.to(self.dtype), ray_matrices.to(self.dtype), camera.height,
-            camera.width, mode=self.mode, step=self.step, supersample=self.supersample,
+            self.material_volume(), self.affine, sources.to(self.device, self.dtype),
+            ray_matrices.to(self.device, self.dtype), height, width, mode=self.mode, step=self.step,
+            supersample=self.supersample,
         )  # fmt: skip
         return integrals[..., : len(self.materials)] / 10.0  # density x mm -> g/cm^2
 

@@ -280,7 +280,7 @@ def test_peak_memory_stays_within_the_budget(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    budget = 12 * 2**20
+    budget = 8 * 2**20
     whole, chunked = measure(0), measure(budget)
     assert whole["chunks"] == 1 and chunked["chunks"] > 4
     # The unsplit render needs several times the budget (so this test can fail), and the estimate bounds it.

@@ -133,7 +133,6 @@ class DRRDataset(torch.utils.data.Dataset):
             if reserved in self.drr_options:
                 raise ValueError(f"drr_options must not set {reserved!r}: the dataset sets it per sample")
         self._drrs: dict[int, DRR] = {}
-        self._grids: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._host_drrs: dict[int, DRR] = {}
         # One energy grid for every kVp of the range: the spectrum at the highest kVp fixes it.
         self._grid_kvp = math.ceil(self.physics.kvp[1])
@@ -181,7 +180,6 @@ class DRRDataset(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_drrs"] = {}  # workers load their own CTs (no GPU tensors or big buffers through pickling)
-        state["_grids"] = {}
         state["_host_drrs"] = {}
         return state
 
@@ -316,9 +314,9 @@ class DRRDataset(torch.utils.data.Dataset):
             channels = drr.detector.channels
             flat_log = packed[:, 33 : 33 + channels]
             rows = packed[:, 33 + channels :].reshape(len(members), -1, self._grid_bins)
-            sources, targets = self._rays(k_inv, rotation, translation, sdd, drr.supersample)
+            sources, ray_matrices = self._ray_parameters(k_inv, rotation, translation, sdd)
             with torch.no_grad():
-                integrals = drr.cast(sources, targets)  # one op call for the whole group
+                integrals = drr.cast_camera(sources, ray_matrices, self.height, self.width)  # one op call per group
                 rendered = drr.detect_samples(
                     integrals, intrinsics, self.height, self.width, rows, flat_log, target, mean_energy, group["seeds"]
                 ).to(torch.float32)
@@ -345,44 +343,16 @@ class DRRDataset(torch.utils.data.Dataset):
         ])  # fmt: skip
         return {"packed": packed, "K": intrinsics, "R": rotation[0], "t": translation[0]}
 
-    def _rays(self, k_inv: Tensor, rotation: Tensor, translation: Tensor, sdd: Tensor, supersample: int):
-        """Sources ``[b, 1, 3]`` and detector points ``[b, R, 3]`` (world mm) of ``b`` samples, in the order of
-        ``Camera.rays``, computed element-wise (no matrix products) so that a sample's rays do not depend on the
-        other samples in the batch."""
-        u, v = self._pixel_grid(supersample)  # [R] float64 on the device
-        k = k_inv.unsqueeze(-1)  # [b, 9, 1]
-        depth = sdd  # [b, 1]
-        x = depth * (k[:, 0] * u + k[:, 1] * v + k[:, 2])
-        y = depth * (k[:, 3] * u + k[:, 4] * v + k[:, 5])
-        z = depth * (k[:, 6] * u + k[:, 7] * v + k[:, 8])
-        r = rotation.unsqueeze(-1)  # [b, 9, 1], row-major R
-        t = translation.unsqueeze(-1)  # [b, 3, 1]
-        dx, dy, dz = x - t[:, 0], y - t[:, 1], z - t[:, 2]
-        # world = R^T (p - t): component j is sum_i (p - t)_i R_ij
-        targets = torch.stack(
-            [dx * r[:, 0] + dy * r[:, 3] + dz * r[:, 6], dx * r[:, 1] + dy * r[:, 4] + dz * r[:, 7],
-             dx * r[:, 2] + dy * r[:, 5] + dz * r[:, 8]],
-            dim=-1,
-        )  # fmt: skip
-        sources = -torch.stack(
-            [t[:, 0] * r[:, 0] + t[:, 1] * r[:, 3] + t[:, 2] * r[:, 6],
-             t[:, 0] * r[:, 1] + t[:, 1] * r[:, 4] + t[:, 2] * r[:, 7],
-             t[:, 0] * r[:, 2] + t[:, 1] * r[:, 5] + t[:, 2] * r[:, 8]],
-            dim=-1,
-        )  # fmt: skip
-        return sources, targets
-
-    def _pixel_grid(self, supersample: int) -> tuple[Tensor, Tensor]:
-        """Column and row coordinates of every (sub-)ray, ordered like ``Camera.rays``; cached per device."""
-        key = (self.device, supersample)
-        if key not in self._grids:
-            s = supersample
-            offsets = (torch.arange(s, dtype=torch.float64) + 0.5) / s - 0.5
-            rows = (torch.arange(self.height, dtype=torch.float64)[:, None] + offsets).reshape(self.height, 1, s, 1)
-            cols = (torch.arange(self.width, dtype=torch.float64)[:, None] + offsets).reshape(1, self.width, 1, s)
-            rows, cols = torch.broadcast_tensors(rows, cols)
-            self._grids[key] = (cols.reshape(-1).to(self.device), rows.reshape(-1).to(self.device))
-        return self._grids[key]
+    def _ray_parameters(self, k_inv: Tensor, rotation: Tensor, translation: Tensor, sdd: Tensor):
+        """Sources ``[b, 3]`` (``-R^T t``) and ray matrices ``[b, 3, 3]`` (``SDD R^T K^-1``, world mm) of ``b`` samples
+        for ``torchdrr.ops.camera_raycast``, computed element-wise (products then a sum over a dimension of 3, no
+        batched matrix product) so that a sample's rays do not depend on the other samples in the batch."""
+        r = rotation.reshape(-1, 3, 3)  # R[i, j]
+        k = k_inv.reshape(-1, 3, 3)  # K^-1[i, c]
+        # (R^T K^-1)[j, c] = sum_i R[i, j] K^-1[i, c]
+        ray_matrices = sdd.reshape(-1, 1, 1) * (r.unsqueeze(-1) * k.unsqueeze(-2)).sum(1)
+        sources = -(r * translation.unsqueeze(-1)).sum(1)  # (R^T t)[j] = sum_i R[i, j] t[i]
+        return sources, ray_matrices
 
     def _geometry(self, params: SampleParameters, host: dict) -> dict:
         """A sample's tensor fields but its image: translation, K, R, t, P and the landmarks' projections."""
