@@ -55,6 +55,22 @@ def intrinsic_matrix(
     return torch.tensor([[fu, 0.0, (width - 1) / 2.0], [0.0, fv, (height - 1) / 2.0], [0.0, 0.0, 1.0]], dtype=dtype)
 
 
+def _batched_extrinsics(rotation: Tensor, translation: Tensor, sdd_mm: float) -> tuple[Tensor, Tensor]:
+    """``R`` ``[B, 3, 3]`` and ``t`` ``[B, 3]`` from batched or single extrinsics, with the SDD checked."""
+    rotation = rotation if rotation.dim() == 3 else rotation.unsqueeze(0)
+    translation = translation if translation.dim() == 2 else translation.unsqueeze(0)
+    if rotation.shape[-2:] != (3, 3) or translation.shape[-1] != 3 or rotation.shape[0] != translation.shape[0]:
+        raise ValueError(
+            f"rotation must be [B, 3, 3] and translation [B, 3] with one B, got {tuple(rotation.shape)} and "
+            f"{tuple(translation.shape)}"
+        )
+    if not (float(sdd_mm) > 0) or not math.isfinite(float(sdd_mm)):
+        raise ValueError(
+            f"sdd_mm must be a positive distance in mm (a source on the detector plane casts no rays), got {sdd_mm}"
+        )
+    return rotation, translation
+
+
 def pixel_rays(
     intrinsics: Tensor,
     rotation: Tensor,
@@ -82,17 +98,7 @@ def pixel_rays(
         sub-rays of each pixel), in the dtype and device of ``rotation``. Differentiable with respect to all tensor
         inputs.
     """
-    rotation = rotation if rotation.dim() == 3 else rotation.unsqueeze(0)
-    translation = translation if translation.dim() == 2 else translation.unsqueeze(0)
-    if rotation.shape[-2:] != (3, 3) or translation.shape[-1] != 3 or rotation.shape[0] != translation.shape[0]:
-        raise ValueError(
-            f"rotation must be [B, 3, 3] and translation [B, 3] with one B, got {tuple(rotation.shape)} and "
-            f"{tuple(translation.shape)}"
-        )
-    if not (float(sdd_mm) > 0) or not math.isfinite(float(sdd_mm)):
-        raise ValueError(
-            f"sdd_mm must be a positive distance in mm (a source on the detector plane casts no rays), got {sdd_mm}"
-        )
+    rotation, translation = _batched_extrinsics(rotation, translation, sdd_mm)
     if isinstance(supersample, bool) or int(supersample) != supersample or supersample < 1:
         raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")
     dtype, device = rotation.dtype, rotation.device
@@ -136,15 +142,7 @@ def camera_ray_parameters(
         ``sources`` ``[B, 3]`` (``-R^T t``, mm) and ``ray_matrices`` ``[B, 3, 3]`` (``SDD * R^T K^-1``, mm per
         pixel), in the dtype and device of ``rotation``; differentiable with respect to all tensor inputs.
     """
-    rotation = rotation if rotation.dim() == 3 else rotation.unsqueeze(0)
-    translation = translation if translation.dim() == 2 else translation.unsqueeze(0)
-    if rotation.shape[-2:] != (3, 3) or translation.shape[-1] != 3 or rotation.shape[0] != translation.shape[0]:
-        raise ValueError(
-            f"rotation must be [B, 3, 3] and translation [B, 3] with one B, got {tuple(rotation.shape)} and "
-            f"{tuple(translation.shape)}"
-        )
-    if not (float(sdd_mm) > 0) or not math.isfinite(float(sdd_mm)):
-        raise ValueError(f"sdd_mm must be a positive distance in mm, got {sdd_mm}")
+    rotation, translation = _batched_extrinsics(rotation, translation, sdd_mm)
     intrinsics = intrinsics.to(dtype=rotation.dtype, device=rotation.device)
     # K is upper triangular (a pinhole: design.md §3), so K^-1 is one triangular solve: on a GPU, one small kernel
     # instead of a general inverse's factorisation.

@@ -15,15 +15,14 @@ gradient over each block of rays inside the kernel, giving the ``[B, 3]`` and ``
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._extension import require_kernels_for
-from .raycast import RAYCAST_MODES
+from .raycast import RAYCAST_MODES, check_affine_mode_step
 
 __all__ = ["camera_pixel_grid", "camera_raycast"]
 
@@ -146,25 +145,7 @@ def camera_raycast(
             f"an image must have fewer than 2**31 rays, got {height} x {width} pixels x {supersample}^2 sub-pixels"
         )
     require_kernels_for(volume.device, "volume")
-    if isinstance(affine, np.ndarray):
-        affine = torch.from_numpy(affine)
-    if not isinstance(affine, Tensor):
-        raise TypeError(f"affine must be a torch.Tensor, got {type(affine).__name__}")
-    if tuple(affine.shape) != (4, 4):
-        raise ValueError(f"affine must be [4, 4], got shape {tuple(affine.shape)}")
-    if not affine.is_floating_point():
-        raise TypeError(f"affine must be a floating-point tensor, got {affine.dtype}")
-    affine = affine.detach().to(device="cpu", dtype=torch.float64)
-    if mode not in RAYCAST_MODES:
-        raise ValueError(f"mode must be one of {sorted(RAYCAST_MODES)}, got {mode!r}")
-    if step is None:
-        step_mm = 0.0  # the kernel uses half the smallest voxel spacing
-    else:
-        if mode != "trilinear":
-            raise ValueError(f"step applies to mode='trilinear' only, got step={step!r} with mode={mode!r}")
-        if isinstance(step, bool) or not isinstance(step, Real) or not math.isfinite(step) or step <= 0:
-            raise ValueError(f"step must be a positive number of mm, got {step!r}")
-        step_mm = float(step)
+    affine, step_mm = check_affine_mode_step(affine, mode, step)
     volume4 = volume if volume.dim() == 4 else volume.unsqueeze(0)
     out = torch.ops.torchdrr.camera_raycast_forward(
         volume4, affine, sources.contiguous(), ray_matrices.contiguous(), height, width, supersample,

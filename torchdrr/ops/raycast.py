@@ -81,6 +81,27 @@ def _check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def check_affine_mode_step(affine: Tensor | np.ndarray, mode: str, step: float | None) -> tuple[Tensor, float]:
+    """Validates the arguments the ray-casting ops share. Returns the affine as the ``[4, 4]`` float64 CPU tensor
+    the kernels read (they check its finiteness and invertibility) and the step in mm (0: the kernel's default)."""
+    if isinstance(affine, np.ndarray):
+        affine = torch.from_numpy(affine)
+    affine = _check_tensor("affine", affine)
+    if tuple(affine.shape) != (4, 4):
+        raise ValueError(f"affine must be [4, 4], got shape {tuple(affine.shape)}")
+    if not affine.is_floating_point():
+        raise TypeError(f"affine must be a floating-point tensor, got {affine.dtype}")
+    if mode not in RAYCAST_MODES:
+        raise ValueError(f"mode must be one of {sorted(RAYCAST_MODES)}, got {mode!r}")
+    if step is None:
+        return affine.detach().to(device="cpu", dtype=torch.float64), 0.0  # the kernel: half the smallest spacing
+    if mode != "trilinear":
+        raise ValueError(f"step applies to mode='trilinear' only, got step={step!r} with mode={mode!r}")
+    if isinstance(step, bool) or not isinstance(step, Real) or not math.isfinite(step) or step <= 0:
+        raise ValueError(f"step must be a positive number of mm, got {step!r}")
+    return affine.detach().to(device="cpu", dtype=torch.float64), float(step)
+
+
 def raycast(
     volume: Tensor,
     affine: Tensor | np.ndarray,
@@ -137,26 +158,7 @@ def raycast(
             f"sources {tuple(sources.shape)} and targets {tuple(targets.shape)} do not broadcast against each other"
         ) from None
 
-    if isinstance(affine, np.ndarray):
-        affine = torch.from_numpy(affine)
-    affine = _check_tensor("affine", affine)
-    if tuple(affine.shape) != (4, 4):
-        raise ValueError(f"affine must be [4, 4], got shape {tuple(affine.shape)}")
-    if not affine.is_floating_point():
-        raise TypeError(f"affine must be a floating-point tensor, got {affine.dtype}")
-    # The kernels read the affine on the host (it is 16 numbers); its finiteness and invertibility are checked there.
-    affine = affine.detach().to(device="cpu", dtype=torch.float64)
-
-    if mode not in RAYCAST_MODES:
-        raise ValueError(f"mode must be one of {sorted(RAYCAST_MODES)}, got {mode!r}")
-    if step is None:
-        step_mm = 0.0  # the kernel uses half the smallest voxel spacing
-    else:
-        if mode != "trilinear":
-            raise ValueError(f"step applies to mode='trilinear' only, got step={step!r} with mode={mode!r}")
-        if isinstance(step, bool) or not isinstance(step, Real) or not math.isfinite(step) or step <= 0:
-            raise ValueError(f"step must be a positive number of mm, got {step!r}")
-        step_mm = float(step)
+    affine, step_mm = check_affine_mode_step(affine, mode, step)
 
     volume4 = volume if volume.dim() == 4 else volume.unsqueeze(0)
     flat_sources = sources.expand(*ray_shape, 3).reshape(-1, 3)
