@@ -1,6 +1,6 @@
 // Schemas of torchdrr's custom ops and the Python module that loads them. Kernels register themselves per device in
-// csrc/<op>/<op>_{cpu.cpp,cuda.cu} (raycast, camera_raycast, spectral); fake (meta) kernels and autograd are registered in
-// torchdrr/ops/{raycast,spectral}.py.
+// csrc/<folder>/<op>_{cpu.cpp,cuda.cu} (raycast/raycast, raycast/camera_raycast, spectral/spectral); fake (meta)
+// kernels and autograd are registered in torchdrr/ops/{raycast,camera_raycast,spectral}.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -274,7 +274,7 @@ TDRR_HD void siddon_runs(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vis
   }
 }
 
-// The axis of a clipped ray's largest direction component (what siddon_forward_runs and ray_locality_key use).
+// The axis of a clipped ray's largest direction component (what siddon_runs and ray_locality_key use).
 template <typename T>
 TDRR_HD int main_axis(const ClippedRay<T>& r) {
   const T ad0 = r.d[0] < T(0) ? -r.d[0] : r.d[0], ad1 = r.d[1] < T(0) ? -r.d[1] : r.d[1];
