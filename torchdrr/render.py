@@ -16,7 +16,7 @@ from torch import Tensor
 from .geometry import Camera
 from .io import Volume, volume_center
 from .io.writers import atomic_write
-from .ops import raycast
+from .ops import camera_raycast
 
 __all__ = ["WATER_MU_PER_MM", "hu_to_mu", "render_carm", "render_line_integrals", "save_png", "to_display"]
 
@@ -58,8 +58,11 @@ def render_line_integrals(
     if affine is None:
         raise ValueError("affine is required when mu is a tensor")
     camera = camera.to(device=mu.device)
-    sources, targets = camera.rays(supersample)
-    integrals = raycast(mu, affine, sources.to(mu.dtype), targets.to(mu.dtype), mode=mode, step=step)
+    sources, ray_matrices = camera.ray_parameters()
+    integrals = camera_raycast(
+        mu, affine, sources.to(mu.dtype), ray_matrices.to(mu.dtype), camera.height, camera.width, mode=mode,
+        step=step, supersample=supersample,
+    )  # fmt: skip
     channels = 1 if mu.dim() == 3 else mu.shape[0]
     integrals = integrals.reshape(camera.batch_size, camera.height, camera.width, supersample**2, channels)
     return integrals.mean(3).permute(0, 3, 1, 2)
