@@ -28,6 +28,8 @@ from torchdrr.geometry import Camera
 from torchdrr.io.writers import save_geometry
 
 RENDER = ["render", "--size", "8", "8", "--pixel-spacing", "40", "40", "--device", "cpu"]
+# A frontal view with 1 mm pixels: the initial pose of most register cases.
+AP_1MM = ["--angles", "0", "0", "--pixel-spacing", "1", "1"]
 REGISTER_OUT = [
     "--quiet",
     "--device",
@@ -115,12 +117,12 @@ CASES = [
     # --- register
     (
         "register missing X-ray",
-        ["register", "{in}/none.png", "--angles", "0", "0", "--pixel-spacing", "1", "1", *REGISTER_OUT],
+        ["register", "{in}/none.png", *AP_1MM, *REGISTER_OUT],
         "none.png",
     ),
     (
         "register corrupt PNG",
-        ["register", "{in}/garbage.png", "--angles", "0", "0", "--pixel-spacing", "1", "1", *REGISTER_OUT],
+        ["register", "{in}/garbage.png", *AP_1MM, *REGISTER_OUT],
         "garbage.png",
     ),
     (
@@ -130,7 +132,7 @@ CASES = [
     ),
     (
         "register constant X-ray",
-        ["register", "{in}/flat.png", "--angles", "0", "0", "--pixel-spacing", "1", "1", *REGISTER_OUT],
+        ["register", "{in}/flat.png", *AP_1MM, *REGISTER_OUT],
         "flat.png",
     ),
     (
@@ -138,12 +140,7 @@ CASES = [
         [
             "register",
             "{in}/xray16.png",
-            "--angles",
-            "0",
-            "0",
-            "--pixel-spacing",
-            "1",
-            "1",
+            *AP_1MM,
             "--mask",
             "{in}/mask8.npy",
             *REGISTER_OUT,
@@ -155,12 +152,7 @@ CASES = [
         [
             "register",
             "{in}/xray16.png",
-            "--angles",
-            "0",
-            "0",
-            "--pixel-spacing",
-            "1",
-            "1",
+            *AP_1MM,
             "--mask",
             "{in}/nomask.npy",
             *REGISTER_OUT,
@@ -197,12 +189,7 @@ CASES = [
         [
             "register",
             "{in}/xray16.npy",
-            "--angles",
-            "0",
-            "0",
-            "--pixel-spacing",
-            "1",
-            "1",
+            *AP_1MM,
             "--ct",
             "{in}/garbage.nii.gz",
             *REGISTER_OUT,
@@ -214,12 +201,7 @@ CASES = [
         [
             "register",
             "{in}/xray16.npy",
-            "--angles",
-            "0",
-            "0",
-            "--pixel-spacing",
-            "1",
-            "1",
+            *AP_1MM,
             *REGISTER_OUT,
             "--overlay",
             "{in}/a_folder.png",
