@@ -8,8 +8,9 @@ Geometry (benchmarks/README.md, ../shared/docs/peers.md): the chest CT (512 x 51
 it is missing), isocenter at the volume's centre, source 850 mm from it, source-to-detector 1020 mm, a detector field
 of 373 x 289 mm (W x H) whatever the pixel count, the AP view (primary angle 180 degrees); a batch of b poses spreads
 the primary angle evenly over +-15 degrees. Every timing is a full render from the pose: ray parameters from the
-C-arm angles and isocenter (float64, then cast), one ``torchdrr.ops.camera_raycast`` launch and, where stated, the
-backward pass.
+C-arm angles and isocenter (one ``torchdrr.ops.carm_ray_parameters`` launch after the angles are stacked: computed in
+float64, written in the volume's dtype), one ``torchdrr.ops.camera_raycast`` launch and, where stated, the backward
+pass. K is built once per detector size and device and kept there.
 
 Cases (``--cases``; the targets are for one H100 at full size):
 
@@ -45,6 +46,7 @@ The header names TORCHDRR_WARP_TILE_WIDTH when it is set (the CUDA kernel reads 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -66,7 +68,7 @@ import torch
 from torch import Tensor
 
 import torchdrr
-from torchdrr.geometry import Camera, camera_ray_parameters, carm_extrinsics, intrinsic_matrix
+from torchdrr.geometry import Camera, carm_ray_parameters, intrinsic_matrix
 from torchdrr.io import bundled_ct_path, load_nifti, volume_center
 from torchdrr.ops import camera_raycast
 from torchdrr.render import hu_to_mu
@@ -178,7 +180,16 @@ def poses(batch: int) -> Tensor:
 
 
 def intrinsics_for(height: int, width: int, device: torch.device | str) -> Tensor:
-    """K of the benchmark detector: SDD 1020 mm and a 373 x 289 mm field at any pixel count."""
+    """K ``[3, 3]`` (float64) of the benchmark detector: SDD 1020 mm and a 373 x 289 mm field at any pixel count.
+
+    Cached per (height, width, device), so that a timed render makes no host-to-device copy of K; the tensor is
+    shared between calls: do not modify it in place.
+    """
+    return _cached_intrinsics(height, width, torch.device(device))
+
+
+@functools.cache
+def _cached_intrinsics(height: int, width: int, device: torch.device) -> Tensor:
     return intrinsic_matrix(SDD_MM, height, width, (FIELD_MM[0] / height, FIELD_MM[1] / width)).to(device)
 
 
@@ -192,14 +203,12 @@ def render(
     mode: str = "siddon",
     step: float | None = None,
 ) -> Tensor:
-    """Full render: C-arm pose (float64) -> ray parameters -> one ``camera_raycast`` -> ``[B, H * W]``."""
-    rotation, translation = carm_extrinsics(primary, torch.zeros_like(primary), SOD_MM, isocenter)
-    sources, ray_matrices = camera_ray_parameters(
-        intrinsics_for(height, width, mu.device), rotation, translation, SDD_MM
+    """Full render: C-arm pose (float64) -> ray parameters in ``mu``'s dtype (one ``carm_ray_parameters`` launch)
+    -> one ``camera_raycast`` -> ``[B, H * W]``."""
+    sources, ray_matrices = carm_ray_parameters(
+        primary, 0.0, SOD_MM, isocenter, intrinsics_for(height, width, mu.device), SDD_MM, dtype=mu.dtype
     )
-    return camera_raycast(
-        mu, affine, sources.to(mu.dtype), ray_matrices.to(mu.dtype), height, width, mode=mode, step=step
-    )
+    return camera_raycast(mu, affine, sources, ray_matrices, height, width, mode=mode, step=step)
 
 
 def time_fn(

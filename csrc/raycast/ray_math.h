@@ -185,9 +185,12 @@ TDRR_HD void load_voxel(const T* __restrict__ volume, int64_t offset, int64_t ch
     }
     return;
   }
-#endif
+#pragma unroll
+  for (int c = 0; c < MaxC; ++c) v[c] = c < channels ? __ldg(volume + offset + c * channel_stride) : T(0);
+#else
 #pragma unroll
   for (int c = 0; c < MaxC; ++c) v[c] = c < channels ? volume[offset + c * channel_stride] : T(0);
+#endif
 }
 
 // The Siddon segments of one ray whose largest index-space direction component is on axis M, in order, walked as
@@ -309,6 +312,14 @@ TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
 // "run / side crossing" and half the lanes idle (measured: 15 of 32 threads active, ncu, H100). Here every lane
 // executes the same instructions each iteration; the axis crossed next is a selection, not a branch.
 //
+// Plane k of axis a (counted from the first one crossed) is at parameter fma(k, |1/d_a|, first_a): one rounding,
+// like plane_alpha's, and the counts of the axes not crossed add 0, so that no result needs a selection. (A walk
+// specialised on the main axis, with an inner loop for the side crossings, was slower on the H100: 1.39 against
+// 1.25 ms, its lanes diverging; benchmarks/NOTES.md.) The loop ends at the exit or when
+// the walk leaves the grid, with no step counter: each step crosses a plane, and a degenerate ray whose crossings
+// stop advancing in floating point (a source ~1e30 mm away) then keeps crossing the same axis, whose monotone
+// offset leaves the grid's range.
+//
 // Calls visit.segment(offset, in_range, a0, a1, entry_axis) for each voxel, as siddon_runs' partial(), then
 // visit.finish(). `in_range` is false for a step past the grid (only rounding at the exit face causes one, with a
 // zero-length segment): the visitor must not read that offset.
@@ -318,7 +329,7 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   // 32-bit element offsets (the CUDA ops check that a volume spans fewer than 2^31 elements): a 64-bit multiply
   // or compare is several instructions, and this loop runs once per voxel.
   int offset = 0, last_offset = 0, offset_step[3];
-  T plane[3], plane_step[3], next[3];
+  T first[3], delta[3], crossed[3], next[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const T x = r.s[a] + r.alpha_min * r.d[a];
@@ -327,14 +338,15 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     last_offset += static_cast<int>((g.size[a] - 1) * g.voxel_stride[a]);
     const int step = r.d[a] > T(0) ? 1 : (r.d[a] < T(0) ? -1 : 0);
     offset_step[a] = step * static_cast<int>(g.voxel_stride[a]);
-    plane_step[a] = T(step);
-    plane[a] = T(idx) + T(0.5) * T(step);  // the next plane crossed on axis a (exact in floating point)
-    next[a] = step == 0 ? T(INFINITY) : plane_alpha(plane[a], r.s[a], r.inv_d[a]);
+    // The next plane crossed on axis a is idx + step / 2 (exact in floating point).
+    first[a] = step == 0 ? T(INFINITY) : plane_alpha(T(idx) + T(0.5) * T(step), r.s[a], r.inv_d[a]);
+    delta[a] = r.inv_d[a] < T(0) ? -r.inv_d[a] : r.inv_d[a];
+    crossed[a] = T(0);
+    next[a] = first[a];
   }
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
-  const int max_steps = static_cast<int>(g.size[0] + g.size[1] + g.size[2]) + 3;
-  for (int n = 0; n < max_steps; ++n) {
+  for (;;) {
     const bool first_before_second = next[0] <= next[1];
     const T nearest01 = first_before_second ? next[0] : next[1];
     const bool third = next[2] < nearest01;
@@ -343,25 +355,19 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     T end = exits ? r.alpha_max : crossing;
     end = end > alpha ? end : alpha;
     // One unsigned compare covers both ends (a negative offset wraps to a huge one).
-    visit.segment(offset, static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset), alpha, end,
-                  entry_axis);
-    if (exits) break;
+    const bool in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
+    visit.segment(offset, in_range, alpha, end, entry_axis);
+    if (exits || !in_range) break;
     alpha = end;
-    // Independent predicated updates of the three registers instead of an if/else chain, which the compiler turned
-    // into divergent branches; an array indexed by the axis would live in local memory on the GPU.
+    // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
+    // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three fused multiply-adds then need no selection (an axis not
+    // crossed gets its own value back).
     const bool cross0 = !third && first_before_second, cross1 = !third && !first_before_second;
-    if (cross0) {
-      plane[0] += plane_step[0];
-      next[0] = plane_alpha(plane[0], r.s[0], r.inv_d[0]);
-    }
-    if (cross1) {
-      plane[1] += plane_step[1];
-      next[1] = plane_alpha(plane[1], r.s[1], r.inv_d[1]);
-    }
-    if (third) {
-      plane[2] += plane_step[2];
-      next[2] = plane_alpha(plane[2], r.s[2], r.inv_d[2]);
-    }
+    crossed[0] += cross0 ? T(1) : T(0);
+    crossed[1] += cross1 ? T(1) : T(0);
+    crossed[2] += third ? T(1) : T(0);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) next[a] = crossed[a] * delta[a] + first[a];
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
     entry_axis = third ? 2 : (cross0 ? 0 : 1);
   }

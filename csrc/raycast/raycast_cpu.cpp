@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -57,6 +58,16 @@ std::vector<int64_t> locality_order(const VolumeGeometry<T>& geometry, const T* 
   return order;
 }
 
+// TORCHDRR_CPU_SIDDON_WALK=steps makes the CPU walk Siddon rays with the GPU's walk (siddon_steps) instead of its
+// own (siddon_runs). Why: the tests then check the GPU walk and its visitors against the CPU's on machines without a
+// GPU. Read on every call, so that a test can switch it; the steps walk takes 32-bit offsets, as on the GPU.
+bool cpu_uses_gpu_walk(const at::Tensor& volume) {
+  const char* walk = std::getenv("TORCHDRR_CPU_SIDDON_WALK");
+  if (walk == nullptr || std::strcmp(walk, "steps") != 0) return false;
+  check_int32_span(volume);
+  return true;
+}
+
 }  // namespace
 
 at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& affine, const at::Tensor& sources_in,
@@ -76,6 +87,7 @@ at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& af
     const bool trilinear = mode == kTrilinear;
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
     const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays);
+    const bool gpu_walk = cpu_uses_gpu_walk(volume);
     dispatch_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
       at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
@@ -83,8 +95,15 @@ at::Tensor raycast_forward_cpu(const at::Tensor& volume_in, const at::Tensor& af
           const int64_t ray = order[position];
           for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
             const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
-            raycast_ray_forward<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray,
-                                                 tgt + 3 * ray, trilinear, step_mm, result + ray * channels + c0);
+            const scalar_t* chunk_volume = vol + c0 * geometry.channel_stride;
+            scalar_t* chunk_out = result + ray * channels + c0;
+            if (gpu_walk) {
+              raycast_ray_forward<scalar_t, kMaxC, false, true>(geometry, chunk_volume, chunk, src + 3 * ray,
+                                                                tgt + 3 * ray, trilinear, step_mm, chunk_out);
+            } else {
+              raycast_ray_forward<scalar_t, kMaxC>(geometry, chunk_volume, chunk, src + 3 * ray, tgt + 3 * ray,
+                                                   trilinear, step_mm, chunk_out);
+            }
           }
         }
       });
@@ -123,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
     const bool trilinear = mode == kTrilinear;
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
     const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays);
+    const bool gpu_walk = cpu_uses_gpu_walk(volume);
     dispatch_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
       at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
@@ -136,10 +156,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
               atomic_add(chunk_grad + offset, value);
             };
             scalar_t gs[3], gt[3];
-            raycast_ray_backward<scalar_t, kMaxC>(geometry, vol + c0 * geometry.channel_stride, chunk,
-                                                  src + 3 * ray, tgt + 3 * ray, trilinear, step_mm,
-                                                  gout + ray * channels + c0, volume_grad, scatter_add, rays_grad,
-                                                  gs, gt);
+            const auto walk = [&](auto steps) {
+              raycast_ray_backward<scalar_t, kMaxC, decltype(steps)::value>(
+                  geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray, tgt + 3 * ray, trilinear,
+                  step_mm, gout + ray * channels + c0, volume_grad, scatter_add, rays_grad, gs, gt);
+            };
+            gpu_walk ? walk(std::true_type{}) : walk(std::false_type{});
             if (rays_grad) {
               for (int a = 0; a < 3; ++a) {
                 gs_total[a] += gs[a];

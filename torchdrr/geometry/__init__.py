@@ -1,5 +1,11 @@
-"""Layer 3: cameras, C-arm poses and the rays they cast (conventions in README.md and design.md §3)."""
+"""Layer 3: cameras, C-arm poses and the rays they cast (conventions in README.md and design.md §3).
 
+``carm_ray_parameters`` (C-arm angles to ``camera_raycast``'s ray parameters in one kernel launch) is defined with
+the other compiled ops in ``torchdrr.ops`` and re-exported here, beside ``carm_extrinsics`` and
+``camera_ray_parameters``, whose composition it replaces.
+"""
+
+from ..ops.carm_ray_parameters import carm_ray_parameters
 from .camera import Camera, bin_intrinsics, camera_ray_parameters, crop_intrinsics, intrinsic_matrix, pixel_rays
 from .carm import NAMED_VIEWS, carm_angles, carm_extrinsics, detector_direction
 from .peer_poses import (
@@ -50,6 +56,7 @@ __all__ = [
     "bin_intrinsics",
     "carm_angles",
     "carm_extrinsics",
+    "carm_ray_parameters",
     "crop_intrinsics",
     "decompose_projection",
     "detector_direction",

@@ -2,6 +2,7 @@
 references."""
 
 from .camera_raycast import camera_pixel_grid, camera_raycast
+from .carm_ray_parameters import carm_ray_parameters
 from .raycast import RAYCAST_MODES, raycast
 from .reference import camera_raycast_reference, default_step, log_weighted_transmission_reference, raycast_reference
 from .spectral import MAX_MATERIALS, MAX_WEIGHT_ROWS, log_weighted_transmission
@@ -13,6 +14,7 @@ __all__ = [
     "camera_pixel_grid",
     "camera_raycast",
     "camera_raycast_reference",
+    "carm_ray_parameters",
     "default_step",
     "log_weighted_transmission",
     "log_weighted_transmission_reference",

@@ -1,0 +1,106 @@
+// CPU implementation of torchdrr::carm_ray_parameters and carm_ray_parameters_backward: poses are spread over threads
+// with at::parallel_for; each pose is computed by the shared per-pose code in carm_math.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "carm_ray_parameters.h"
+
+namespace torchdrr {
+namespace {
+
+// Poses per task: one pose is about a hundred flops and six sin/cos, so only large batches are worth threads.
+constexpr int64_t kPoseGrain = 2048;
+
+std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cpu(const at::Tensor& angles, const at::Tensor& isocenter,
+                                                           const at::Tensor& intrinsics, double sod_mm, double sdd_mm,
+                                                           at::ScalarType out_dtype) {
+  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CPU);
+  check_carm_out_dtype(out_dtype);
+  const int64_t batch = angles.size(0);
+  const at::TensorOptions options = angles.options().dtype(out_dtype);
+  at::Tensor sources = at::empty({batch, 3}, options);
+  at::Tensor ray_matrices = at::empty({batch, 3, 3}, options);
+  dispatch_carm_dtype(angles.scalar_type(), [&](auto in_tag) {
+    using T = decltype(in_tag);
+    dispatch_carm_dtype(out_dtype, [&](auto out_tag) {
+      using O = decltype(out_tag);
+      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm);
+      O* source_out = sources.mutable_data_ptr<O>();
+      O* matrix_out = ray_matrices.mutable_data_ptr<O>();
+      at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          T pose_angles[3], pose_isocenter[3], k_inv[3][3], source[3], matrix[3][3];
+          load_carm_pose(in, b, pose_angles, pose_isocenter, k_inv);
+          carm_ray_parameters_pose(pose_angles, pose_isocenter, k_inv, in.sod_mm, in.sdd_mm, source, matrix);
+          for (int i = 0; i < 3; ++i) {
+            source_out[b * 3 + i] = static_cast<O>(source[i]);
+            for (int k = 0; k < 3; ++k) matrix_out[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
+          }
+        }
+      });
+    });
+  });
+  return {sources, ray_matrices};
+}
+
+std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cpu(const at::Tensor& grad_sources,
+                                                                    const at::Tensor& grad_ray_matrices,
+                                                                    const at::Tensor& angles,
+                                                                    const at::Tensor& isocenter,
+                                                                    const at::Tensor& intrinsics, double sod_mm,
+                                                                    double sdd_mm) {
+  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CPU);
+  check_carm_grads(grad_sources, grad_ray_matrices, angles);
+  const int64_t batch = angles.size(0);
+  const bool shared_isocenter = isocenter.dim() == 1;
+  at::Tensor grad_angles = at::empty({batch, 3}, angles.options());
+  at::Tensor grad_isocenter = at::empty(isocenter.sizes(), isocenter.options());
+  dispatch_carm_dtype(angles.scalar_type(), [&](auto in_tag) {
+    using T = decltype(in_tag);
+    dispatch_carm_dtype(grad_sources.scalar_type(), [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm);
+      const CarmGrads<G> grads = make_carm_grads<G>(grad_sources, grad_ray_matrices);
+      T* angles_out = grad_angles.mutable_data_ptr<T>();
+      T* isocenter_out = grad_isocenter.mutable_data_ptr<T>();
+      at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          T pose_angles[3], pose_isocenter[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
+          T pose_grad_angles[3], pose_grad_isocenter[3];
+          load_carm_pose(in, b, pose_angles, pose_isocenter, k_inv);
+          load_carm_grads(grads, b, grad_source, grad_matrix);
+          carm_ray_parameters_pose_backward(pose_angles, k_inv, in.sod_mm, in.sdd_mm, grad_source, grad_matrix,
+                                            pose_grad_angles, pose_grad_isocenter);
+          for (int i = 0; i < 3; ++i) {
+            angles_out[b * 3 + i] = pose_grad_angles[i];
+            if (!shared_isocenter) isocenter_out[b * 3 + i] = pose_grad_isocenter[i];
+          }
+        }
+      });
+      if (shared_isocenter) {
+        // dL/disocenter of a pose is its dL/dsource: the shared isocenter's gradient is their sum over the batch, in
+        // pose order (deterministic).
+        T total[3] = {T(0), T(0), T(0)};
+        for (int64_t b = 0; b < batch; ++b) {
+          T grad_source[3], grad_matrix[3][3];
+          load_carm_grads(grads, b, grad_source, grad_matrix);
+          for (int i = 0; i < 3; ++i) total[i] += grad_source[i];
+        }
+        for (int i = 0; i < 3; ++i) isocenter_out[i] = total[i];
+      }
+    });
+  });
+  return {grad_angles, grad_isocenter};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchdrr, CPU, m) {
+  m.impl("carm_ray_parameters", &carm_ray_parameters_cpu);
+  m.impl("carm_ray_parameters_backward", &carm_ray_parameters_backward_cpu);
+}
+
+}  // namespace torchdrr

@@ -1,0 +1,108 @@
+"""The GPU's Siddon walk (``siddon_steps`` in csrc/raycast/ray_math.h), run on the CPU.
+
+The CUDA kernels walk rays one voxel at a time, specialised on each ray's main axis; the CPU kernels walk runs of
+voxels. ``TORCHDRR_CPU_SIDDON_WALK=steps`` makes the CPU use the GPU's walk, so that machines without a GPU (CI)
+check it, with every visitor (forward, backward to the volume and to the rays), against the CPU's own walk.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchdrr
+from torchdrr.geometry import Camera
+from torchdrr.ops import camera_raycast
+
+from .geometry_cases import AFFINES
+
+WALK_VARIABLE = "TORCHDRR_CPU_SIDDON_WALK"
+
+
+def cameras(primary: list[float], secondary: list[float], sod_mm: float, sdd_mm: float, size: int) -> Camera:
+    """C-arm cameras around the origin whose detector covers a 40 mm object at any of these distances."""
+    return Camera.from_carm(
+        torch.tensor(primary, dtype=torch.float64), torch.tensor(secondary, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64), sod_mm=sod_mm, sdd_mm=sdd_mm, height=size, width=size + 1,
+        pixel_spacing_mm=(70.0 * sdd_mm / sod_mm / size, 70.0 * sdd_mm / sod_mm / size),
+    )  # fmt: skip
+
+
+def volume_and_affine(affine_name: str, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random volume of ~8 mm voxels centred on the origin, with one of the test affines' linear parts."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (7, 5, 6)
+    volume = torch.rand(channels, *shape, generator=generator, dtype=torch.float64) + 0.5
+    affine = AFFINES[affine_name].clone()
+    affine[:3, :3] *= 8.0
+    centre_index = 0.5 * (torch.tensor(shape, dtype=torch.float64) - 1)
+    affine[:3, 3] = -(affine[:3, :3] @ centre_index)
+    return volume, affine
+
+
+def render_with_grads(monkeypatch, walk: str | None, volume, affine, sources, matrices, size, grad_weights):
+    """Image, volume gradient and pose gradients of sum(image * grad_weights) with the given CPU walk."""
+    if walk is None:
+        monkeypatch.delenv(WALK_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(WALK_VARIABLE, walk)
+    volume = volume.clone().requires_grad_(True)
+    sources = sources.clone().requires_grad_(True)
+    matrices = matrices.clone().requires_grad_(True)
+    image = camera_raycast(volume, affine, sources, matrices, size, size + 1)
+    grads = torch.autograd.grad((image * grad_weights).sum(), (volume, sources, matrices))
+    return (image.detach(), *grads)
+
+
+# Main axes x (lateral views), y (AP) and z (steep cranial tilt), sources inside and outside the volume.
+POSES = {
+    "ap": ([180.0, 170.0], [0.0, 10.0], 300.0, 500.0),
+    "lateral": ([90.0, -95.0], [5.0, -3.0], 300.0, 500.0),
+    "cranial": ([30.0, 200.0], [80.0, -75.0], 300.0, 500.0),
+    "source_inside": ([0.0, 135.0], [20.0, -40.0], 12.0, 60.0),
+}
+
+
+@pytest.mark.parametrize("pose", sorted(POSES))
+@pytest.mark.parametrize("affine_name", sorted(AFFINES))
+def test_gpu_walk_matches_cpu_walk(monkeypatch, pose, affine_name) -> None:
+    volume, affine = volume_and_affine(affine_name, channels=2, seed=len(pose) + len(affine_name))
+    primary, secondary, sod_mm, sdd_mm = POSES[pose]
+    camera = cameras(primary, secondary, sod_mm, sdd_mm, size=9)
+    sources, matrices = camera.ray_parameters()
+    weights = torch.rand(2, 9 * 10, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = render_with_grads(monkeypatch, None, volume, affine, sources, matrices, 9, weights)
+    steps = render_with_grads(monkeypatch, "steps", volume, affine, sources, matrices, 9, weights)
+    assert int((runs[0] > 0).sum()) > runs[0].numel() // 3  # most rays cross the volume: the test can fail
+    for name, expected, got in zip(("image", "volume grad", "source grad", "ray-matrix grad"), runs, steps):
+        assert float(expected.abs().max()) > 0, name
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()), msg=name)
+
+
+def test_switch_reaches_the_kernel(monkeypatch) -> None:
+    """In float32 the two walks round differently (runs sum whole voxels before scaling): seeing a difference
+    proves that the variable switched the walk, so the test above compares two walks and not one with itself."""
+    volume, affine = volume_and_affine("rotated", channels=1, seed=3)
+    camera = cameras(*POSES["ap"], size=16)
+    sources, matrices = (x.float() for x in camera.ray_parameters())
+    volume = volume.float()
+    monkeypatch.delenv(WALK_VARIABLE, raising=False)
+    runs = camera_raycast(volume, affine, sources, matrices, 16, 17)
+    monkeypatch.setenv(WALK_VARIABLE, "steps")
+    steps = camera_raycast(volume, affine, sources, matrices, 16, 17)
+    assert not torch.equal(runs, steps)
+    torch.testing.assert_close(steps, runs, rtol=2e-5, atol=1e-4)
+
+
+def test_per_ray_op_uses_the_switch_too(monkeypatch) -> None:
+    volume, affine = volume_and_affine("permuted_flipped", channels=3, seed=5)
+    sources, targets = cameras(*POSES["lateral"], size=6).rays()
+    results = []
+    for walk in (None, "steps"):
+        if walk is None:
+            monkeypatch.delenv(WALK_VARIABLE, raising=False)
+        else:
+            monkeypatch.setenv(WALK_VARIABLE, walk)
+        results.append(torchdrr.raycast(volume, affine, sources, targets))
+    assert float(results[0].abs().max()) > 0
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
