@@ -116,7 +116,7 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 }
 
 template <typename T, int MaxC, bool Packed, bool Trilinear>
-__global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
+__global__ void __launch_bounds__(kThreads, (Trilinear || MaxC > 1) ? kForwardMinBlocks : 8)
     camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
                           T step_mm, T* __restrict__ out) {
