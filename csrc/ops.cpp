@@ -36,6 +36,17 @@ TORCH_LIBRARY(torchdrr, m) {
       "camera_raycast_backward(Tensor grad_output, Tensor volume, Tensor affine, Tensor sources, "
       "Tensor ray_matrices, int height, int width, int supersample, int mode, float step, bool volume_grad, "
       "bool pose_grad) -> (Tensor, Tensor, Tensor)");
+  // camera_raycast_forward's image together with each ray's Jacobian: jacobian [B, R, C, 6] = (dF_c/ds, dF_c/dt) in
+  // world mm (s, t the ray's source and target; the volume's dtype). Non-finite endpoints give NaN, rays that miss
+  // the volume 0. What autograd saves when the pose needs a gradient, so that its backward walks no ray again.
+  m.def(
+      "camera_raycast_forward_jacobian(Tensor volume, Tensor affine, Tensor sources, Tensor ray_matrices, "
+      "int height, int width, int supersample, int mode, float step) -> (Tensor, Tensor)");
+  // The pose gradients from that Jacobian and dLoss/dout [B, R, C]: (grad_sources [B, 3] = sum g (J_s + J_t),
+  // grad_ray_matrices [B, 3, 3] = sum g J_t (u, v, 1)^T), summed over rays and channels in float64 in a fixed order.
+  m.def(
+      "camera_raycast_pose_from_jacobian(Tensor grad_output, Tensor jacobian, int height, int width, "
+      "int supersample) -> (Tensor, Tensor)");
   // Log of spectrally weighted, grouped transmission: mass_thickness [N, M] g/cm^2, attenuation [M, E] cm^2/g,
   // weights [Q, E] >= 0, group_starts G + 1 non-decreasing bin indices in [0, E]. Returns [N, Q, G]:
   // out[n, q, g] = log(sum_{e in group g} weights[q, e] exp(-sum_m attenuation[m, e] mass_thickness[n, m])).

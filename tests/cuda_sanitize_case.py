@@ -1,9 +1,9 @@
 """A small CUDA forward + backward of both raycast modes, multi-channel and with rays starting inside and missing the
 volume; the packed channels-last forward (4 and 8 channels); log_weighted_transmission with its tables in shared
 memory and in global memory (ray counts that are not a multiple of the block size), with one weight table or one per
-image; and a full-physics DRR with its
-backward. Run under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory); the
-spectral part is also worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
+image; a full-physics DRR with its backward; and the camera op's pose Jacobian route. Run under
+`compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory); the spectral part is also
+worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
 
 Not collected by pytest; benchmarks/gpu_session.sh runs it on the lent GPU.
 """
@@ -35,6 +35,21 @@ def main() -> None:
     camera = torchdrr.Camera.from_carm(angle, 0.0, torch.zeros(3, device="cuda", dtype=torch.float64), sod_mm=60.0,
                                        sdd_mm=120.0, height=7, width=9, pixel_spacing_mm=(4.0, 4.0))  # fmt: skip
     drr(camera, generator=torch.Generator("cuda").manual_seed(0)).sum().backward()
+    # The camera op's pose Jacobian route (saved per-ray Jacobian, reduced without a second walk), with a channel
+    # count that takes the chunk loop (11 = 4 + 4 + 3), sub-pixels, a camera whose outer rays miss the volume and one
+    # whose source is inside it.
+    centre = (affine @ torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))[:3].cuda()
+    cameras = [
+        torchdrr.Camera.from_carm(primary, 10.0, centre, sod_mm=sod, sdd_mm=2 * sod + 20, height=7, width=9,
+                                  pixel_spacing_mm=(4.0, 4.0))
+        for primary, sod in ((20.0, 40.0), (-65.0, 1.0))
+    ]  # fmt: skip
+    pose_sources, pose_matrices = (
+        torch.cat(parts).float().requires_grad_() for parts in zip(*(c.ray_parameters() for c in cameras), strict=True)
+    )
+    pose_volume = torch.rand((11, 9, 7, 5), device="cuda", requires_grad=True)
+    pose_out = torchdrr.ops.camera_raycast(pose_volume, affine, pose_sources, pose_matrices, 7, 9, supersample=2)
+    pose_out.square().sum().backward()
     for bins in (40, 4000):  # (M + Q) * E * 4 bytes: 1.6 KB in shared memory, 160 KB read from global memory
         thickness = (4 * torch.rand((1000, 8), device="cuda")).requires_grad_()
         attenuation = torch.rand((8, bins), device="cuda") / 10
@@ -52,6 +67,7 @@ def main() -> None:
         torch.where(torch.isfinite(out), out, 0).sum().backward()
     torch.cuda.synchronize()
     print("sanitize case done:", float(volume.grad.abs().sum()), float(sources.grad.abs().sum()), float(angle.grad))
+    print("pose Jacobian route done:", float(pose_sources.grad.abs().sum()), float(pose_volume.grad.abs().sum()))
     print("spectral done:", float(thickness.grad.abs().sum()), float(weights.grad.abs().sum()))
 
 

@@ -1,5 +1,7 @@
 // CUDA implementation of torchdrr::camera_raycast_forward and camera_raycast_backward: one thread per pixel ray,
 // the ray made from the camera inside the kernel, the per-ray math shared with every other kernel (ray_math.h).
+// Also camera_raycast_forward_jacobian (the forward that saves each ray's (dF/ds, dF/dt)) and
+// camera_raycast_pose_from_jacobian (the pose gradient reduced from it): the pose backward without a second walk.
 //
 // Why a camera kernel beside the per-ray one (raycast_cuda.cu): (1) a warp casts a compact tile of pixels instead
 // of 32 pixels of one image row; neighbouring rays cross neighbouring voxels, so a tile touches fewer cache sectors
@@ -32,8 +34,20 @@ constexpr int kDefaultTileWidth = 2;
 #ifndef TORCHDRR_BACKWARD_MIN_BLOCKS
 #define TORCHDRR_BACKWARD_MIN_BLOCKS 3
 #endif
+// The forward with the Jacobian (camera_forward_jacobian_kernel) keeps 8 sums per channel instead of the forward's
+// 1: 3 blocks (80 registers) for one channel, whose Siddon walk then takes 79 (sm_90, float32, no spills); 2 blocks
+// (128) for 2 and 4 channels, which take 107 and 120-124 and spilled 28 and 120-152 bytes under 80 registers.
+#ifndef TORCHDRR_JACOBIAN_MIN_BLOCKS_1
+#define TORCHDRR_JACOBIAN_MIN_BLOCKS_1 3
+#endif
+#ifndef TORCHDRR_JACOBIAN_MIN_BLOCKS_N
+#define TORCHDRR_JACOBIAN_MIN_BLOCKS_N 2
+#endif
 constexpr int kForwardMinBlocks = TORCHDRR_FORWARD_MIN_BLOCKS;
 constexpr int kBackwardMinBlocks = TORCHDRR_BACKWARD_MIN_BLOCKS;
+constexpr int jacobian_min_blocks(int max_channels) {
+  return max_channels == 1 ? TORCHDRR_JACOBIAN_MIN_BLOCKS_1 : TORCHDRR_JACOBIAN_MIN_BLOCKS_N;
+}
 
 // The sub-pixel grid of one image and how threads tile it: a warp covers tile_width x (32 / tile_width)
 // sub-pixels, a block 2 x 4 warp tiles, and blockIdx.y is the camera.
@@ -195,6 +209,88 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
   }
 }
 
+// camera_forward_kernel's image, plus jacobian[b, ray, c, 0:6] = (dF_c/ds, dF_c/dt) from the same walk
+// (ray_forward_jacobian; Siddon on siddon_steps like the forward).
+template <typename T, int MaxC, bool Packed, bool Trilinear>
+__global__ void __launch_bounds__(kThreads, jacobian_min_blocks(MaxC))
+    camera_forward_jacobian_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
+                                   const T* __restrict__ sources, const T* __restrict__ matrices,
+                                   const CameraGrid cam, T step_mm, T* __restrict__ out, T* __restrict__ jacobian) {
+  int64_t ray;
+  T u, v;
+  if (!thread_ray(cam, ray, u, v)) return;
+  const int b = blockIdx.y;
+  T s[3], t[3];
+  camera_endpoints(sources, matrices, b, u, v, s, t);
+  const int64_t first = (b * cam.rays + ray) * channels;
+  T* result = out + first;
+  T* jac = jacobian + 6 * first;
+  if (channels <= MaxC) {  // the usual case, without the chunk loop's offsets
+    ray_forward_jacobian<T, MaxC, Packed, Trilinear, /*Steps=*/true>(geometry, volume, static_cast<int>(channels), s,
+                                                                     t, step_mm, result, jac);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
+    const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
+    ray_forward_jacobian<T, MaxC, Packed, Trilinear, /*Steps=*/true>(
+        geometry, volume + c0 * geometry.channel_stride, chunk, s, t, step_mm, result + c0, jac + 6 * c0);
+  }
+}
+
+// Rays per thread of the pose reduction from the Jacobian, kThreads apart so that a warp reads consecutive rays.
+constexpr int kPoseRaysPerThread = 4;
+
+// The image coordinates (u, v) of ray `ray` of an image (row, column, sub-row, sub-column order), computed as
+// thread_ray does, so that they are the ones the forward made the ray with.
+template <typename T>
+__device__ __forceinline__ void ray_image_coordinates(const CameraGrid& cam, int ray, T& u, T& v) {
+  const int s = cam.supersample;
+  const int sub_col = ray % s, rest = ray / s;
+  const int sub_row = rest % s, pixel = rest / s;
+  const int col = (pixel % cam.width) * s + sub_col, row = (pixel / cam.width) * s + sub_row;
+  u = (T(col) + T(0.5)) / T(s) - T(0.5);
+  v = (T(row) + T(0.5)) / T(s) - T(0.5);
+}
+
+// Pose gradients from the saved Jacobian, per block as camera_backward_kernel's: pose_partials[b, block] =
+// [sum g (J_s + J_t) (3), sum g J_t (u, v, 1)^T (9, row-major)] over the block's rays and all channels, in float64
+// from the products on (the sum over blocks is then a fixed-order reduction: deterministic).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    camera_pose_from_jacobian_kernel(const T* __restrict__ grad_output, const T* __restrict__ jacobian,
+                                     int64_t channels, const CameraGrid cam, double* __restrict__ pose_partials) {
+  const int b = blockIdx.y;
+  double parts[12];
+#pragma unroll
+  for (int k = 0; k < 12; ++k) parts[k] = 0.0;
+#pragma unroll
+  for (int k = 0; k < kPoseRaysPerThread; ++k) {
+    const int64_t ray = (static_cast<int64_t>(blockIdx.x) * kPoseRaysPerThread + k) * kThreads + threadIdx.x;
+    if (ray >= cam.rays) break;  // no early return: the whole block joins the reduction
+    const int64_t row = (b * cam.rays + ray) * channels;
+    double gs[3] = {0.0, 0.0, 0.0}, gt[3] = {0.0, 0.0, 0.0};
+    for (int64_t c = 0; c < channels; ++c) {
+      const double g = static_cast<double>(grad_output[row + c]);
+      const T* j = jacobian + 6 * (row + c);
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        gs[a] += g * static_cast<double>(j[a]);
+        gt[a] += g * static_cast<double>(j[3 + a]);
+      }
+    }
+    T u, v;
+    ray_image_coordinates(cam, static_cast<int>(ray), u, v);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      parts[a] += gs[a] + gt[a];
+      parts[3 + 3 * a] += gt[a] * static_cast<double>(u);
+      parts[4 + 3 * a] += gt[a] * static_cast<double>(v);
+      parts[5 + 3 * a] += gt[a];
+    }
+  }
+  block_sum(parts, pose_partials + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * 12);
+}
+
 // Calls f(std::integral_constant<int, MaxC>) with MaxC in {1, 2, 4}: the camera kernels walk up to 4 channels at a
 // time (the DRR's materials are 3 or 4 channels), which halves their compile time against dispatch_channels.
 template <typename F>
@@ -303,11 +399,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(
   return {grad_volume, totals.narrow(1, 0, 3).clone(), totals.narrow(1, 3, 9).reshape({batch, 3, 3}).clone()};
 }
 
+std::tuple<at::Tensor, at::Tensor> camera_raycast_forward_jacobian_cuda(
+    const at::Tensor& volume_in, const at::Tensor& affine, const at::Tensor& sources_in, const at::Tensor& matrices_in,
+    int64_t height, int64_t width, int64_t supersample, int64_t mode, double step) {
+  check_camera_inputs(volume_in, affine, sources_in, matrices_in, height, width, supersample, mode, step,
+                      c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(volume_in.device());
+  const at::Tensor volume = dense_volume(volume_in);
+  check_int32_span(volume);
+  const at::Tensor sources = sources_in.contiguous(), matrices = matrices_in.contiguous();
+  const int64_t batch = sources.size(0), channels = volume.size(0);
+  const CameraGrid cam = make_camera_grid(height, width, supersample);
+  at::Tensor out = at::empty({batch, cam.rays, channels}, volume.options());
+  at::Tensor jacobian = at::empty({batch, cam.rays, channels, 6}, volume.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(cam.blocks), static_cast<unsigned>(batch));
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "camera_raycast_forward_jacobian_cuda", [&] {
+    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
+    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
+    dispatch_camera_channels(channels, [&](auto max_channels) {
+      constexpr int kMaxC = decltype(max_channels)::value;
+      const auto launch = [&](auto packed, auto trilinear) {
+        camera_forward_jacobian_kernel<scalar_t, kMaxC, decltype(packed)::value, decltype(trilinear)::value>
+            <<<grid, kThreads, 0, stream>>>(geometry, volume.const_data_ptr<scalar_t>(), channels,
+                                            sources.const_data_ptr<scalar_t>(), matrices.const_data_ptr<scalar_t>(),
+                                            cam, step_mm, out.mutable_data_ptr<scalar_t>(),
+                                            jacobian.mutable_data_ptr<scalar_t>());
+      };
+      const bool packed = has_packed_channels(volume, kMaxC);
+      if (mode == kTrilinear) {
+        packed ? launch(std::true_type{}, std::true_type{}) : launch(std::false_type{}, std::true_type{});
+      } else {
+        packed ? launch(std::true_type{}, std::false_type{}) : launch(std::false_type{}, std::false_type{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, jacobian};
+}
+
+std::tuple<at::Tensor, at::Tensor> camera_raycast_pose_from_jacobian_cuda(const at::Tensor& grad_output_in,
+                                                                          const at::Tensor& jacobian_in,
+                                                                          int64_t height, int64_t width,
+                                                                          int64_t supersample) {
+  check_camera_jacobian(grad_output_in, jacobian_in, height, width, supersample, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard device_guard(jacobian_in.device());
+  const at::Tensor grad_output = grad_output_in.contiguous(), jacobian = jacobian_in.contiguous();
+  const int64_t batch = jacobian.size(0), channels = jacobian.size(2);
+  const CameraGrid cam = make_camera_grid(height, width, supersample);
+  const int64_t rays_per_block = int64_t(kThreads) * kPoseRaysPerThread;
+  const int64_t blocks = (cam.rays + rays_per_block - 1) / rays_per_block;
+  at::Tensor partials = at::empty({batch, blocks, 12}, jacobian.options().dtype(at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
+  AT_DISPATCH_FLOATING_TYPES(jacobian.scalar_type(), "camera_raycast_pose_from_jacobian_cuda", [&] {
+    camera_pose_from_jacobian_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        grad_output.const_data_ptr<scalar_t>(), jacobian.const_data_ptr<scalar_t>(), channels, cam,
+        partials.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const at::Tensor totals = partials.sum(1).to(jacobian.scalar_type());  // [B, 12]
+  // Fresh contiguous tensors (storage offset 0), as the fake kernel promises.
+  return {totals.narrow(1, 0, 3).clone(at::MemoryFormat::Contiguous),
+          totals.narrow(1, 3, 9).reshape({batch, 3, 3}).clone(at::MemoryFormat::Contiguous)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchdrr, CUDA, m) {
   m.impl("camera_raycast_forward", &camera_raycast_forward_cuda);
   m.impl("camera_raycast_backward", &camera_raycast_backward_cuda);
+  m.impl("camera_raycast_forward_jacobian", &camera_raycast_forward_jacobian_cuda);
+  m.impl("camera_raycast_pose_from_jacobian", &camera_raycast_pose_from_jacobian_cuda);
 }
 
 }  // namespace torchdrr

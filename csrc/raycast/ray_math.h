@@ -711,6 +711,137 @@ struct SiddonBackwardVisitor {
   }
 };
 
+// The forward and the pose Jacobian of one ray in one walk, as a siddon_steps and a siddon_runs visitor: for every
+// channel c at once, the integral S_c = sum v_c x parameter length and the crossing sums D_{c,a}, E_{c,a} of
+// SiddonBackwardVisitor with w = v_c, i.e. that backward for the unit dLoss/dF_c of each channel. Why: the pose
+// gradient of a camera is sum_c g_c dF_c/d(s, t), so with these six numbers per ray and channel saved by the forward,
+// the backward needs no second walk (ray_forward_jacobian, camera_raycast_forward_jacobian). One walk serves all
+// channels: the voxel loads are shared and only the adds grow with the channel count.
+template <typename T, int MaxC, bool Packed>
+struct SiddonJacobianVisitor {
+  const T* __restrict__ volume;
+  int64_t channel_stride;
+  int channels;
+  T integral[MaxC];     // S_c
+  T w_prev[MaxC];       // the previous voxel's values; 0 outside the volume
+  T dw_sum[3][MaxC];    // D_{c,a}, by axis then channel
+  T dw_alpha[3][MaxC];  // E_{c,a}
+  // siddon_steps' pipeline (as in SiddonForwardVisitor): the voxel whose values were loaded by the previous call.
+  T pending[MaxC];
+  T pending_a0, pending_a1;
+  int pending_axis;
+
+  TDRR_HD void reset() {
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) {
+      integral[c] = w_prev[c] = pending[c] = T(0);
+#pragma unroll
+      for (int a = 0; a < 3; ++a) dw_sum[a][c] = dw_alpha[a][c] = T(0);
+    }
+    pending_a0 = pending_a1 = T(0);
+    pending_axis = -1;
+  }
+
+  // Adds crossings of the planes of `axis` (-1: none, a source inside) to the sums as multiply-adds by a mask (1 or
+  // 0, alpha or 0 for E), the same for every channel. Why: an index by `axis` would move the arrays to local memory
+  // on the GPU, per-axis `if`s compiled to a chain of divergent branches (the compiler knows the axes exclude each
+  // other), and a select per sum and channel costs twice the instructions. Adding 0 x dw leaves a sum unchanged for
+  // finite values, as not adding would.
+  TDRR_HD void add_crossing_sums(int axis, const T* dw, const T* dw_x_alpha) {
+    const T m0 = axis == 0 ? T(1) : T(0), m1 = axis == 1 ? T(1) : T(0), m2 = axis == 2 ? T(1) : T(0);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) {
+      dw_sum[0][c] += m0 * dw[c];
+      dw_sum[1][c] += m1 * dw[c];
+      dw_sum[2][c] += m2 * dw[c];
+      dw_alpha[0][c] += m0 * dw_x_alpha[c];
+      dw_alpha[1][c] += m1 * dw_x_alpha[c];
+      dw_alpha[2][c] += m2 * dw_x_alpha[c];
+    }
+  }
+
+  // A crossing at parameter alpha through a face of `axis` into a voxel with values v (all zero: out of the volume).
+  TDRR_HD void cross(int axis, T alpha, const T* v) {
+    const T m0 = axis == 0 ? T(1) : T(0), m1 = axis == 1 ? T(1) : T(0), m2 = axis == 2 ? T(1) : T(0);
+    const T am0 = axis == 0 ? alpha : T(0), am1 = axis == 1 ? alpha : T(0), am2 = axis == 2 ? alpha : T(0);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) {
+      const T dw = w_prev[c] - v[c];
+      dw_sum[0][c] += m0 * dw;
+      dw_sum[1][c] += m1 * dw;
+      dw_sum[2][c] += m2 * dw;
+      dw_alpha[0][c] += am0 * dw;
+      dw_alpha[1][c] += am1 * dw;
+      dw_alpha[2][c] += am2 * dw;
+      w_prev[c] = v[c];
+    }
+  }
+
+  // One voxel with values v crossed over [a0, a1], entered through a face of entry_axis.
+  TDRR_HD void add_voxel(const T* v, T a0, T a1, int entry_axis) {
+    const T parameter_length = a1 - a0;
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) integral[c] += v[c] * parameter_length;
+    cross(entry_axis, a0, v);
+  }
+
+  // siddon_runs' interface.
+  TDRR_HD void partial(int64_t offset, T a0, T a1, int entry_axis) {
+    T v[MaxC];
+    load_voxel<T, MaxC, Packed>(volume, offset, channel_stride, channels, v);
+    add_voxel(v, a0, a1, entry_axis);
+  }
+
+  TDRR_HD void run(int64_t offset, int64_t offset_step, int64_t n, T a_first, T delta, int axis) {
+    T sum[MaxC], dw_total[MaxC], dw_alpha_total[MaxC];
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) sum[c] = dw_total[c] = dw_alpha_total[c] = T(0);
+    for (int64_t q = 0; q < n; ++q, offset += offset_step) {
+      T v[MaxC];
+      load_voxel<T, MaxC, Packed>(volume, offset, channel_stride, channels, v);
+      const T alpha = a_first + T(q) * delta;
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) {
+        const T dw = w_prev[c] - v[c];
+        sum[c] += v[c];
+        dw_total[c] += dw;
+        dw_alpha_total[c] += dw * alpha;
+        w_prev[c] = v[c];
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) integral[c] += sum[c] * delta;
+    add_crossing_sums(axis, dw_total, dw_alpha_total);
+  }
+
+  // siddon_steps' interface, software-pipelined: each call adds the previous voxel's terms and only issues this
+  // voxel's loads, whose values are first used one call later (why: SiddonForwardVisitor). The initial pending
+  // voxel (values 0, no crossing, zero length) adds nothing.
+  TDRR_HD void segment(int64_t offset, bool in_range, T a0, T a1, int entry_axis) {
+    if (!in_range) return;
+    add_voxel(pending, pending_a0, pending_a1, pending_axis);
+    load_voxel<T, MaxC, Packed>(volume, offset, channel_stride, channels, pending);
+    pending_a0 = a0;
+    pending_a1 = a1;
+    pending_axis = entry_axis;
+  }
+  TDRR_HD void finish() {
+    add_voxel(pending, pending_a0, pending_a1, pending_axis);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) pending[c] = T(0);
+    pending_a0 = pending_a1 = T(0);
+    pending_axis = -1;
+  }
+
+  // Leaving the volume at alpha through a face of `axis` (-1: the target is inside): the values drop to 0.
+  TDRR_HD void leave_volume(int axis, T alpha) {
+    T zero[MaxC];
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) zero[c] = T(0);
+    cross(axis, alpha, zero);
+  }
+};
+
 // Trilinear backward of one ray (see raycast_ray_backward). The sample positions move with the clipped part's ends.
 template <typename T, int MaxC, typename ScatterAdd>
 TDRR_HD void trilinear_ray_backward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
@@ -846,6 +977,72 @@ TDRR_HD void raycast_ray_backward(const VolumeGeometry<T>& g, const T* __restric
     if (want_volume && want_rays) call(No{}, Yes{}, Yes{});
     else if (want_volume) call(No{}, Yes{}, No{});
     else call(No{}, No{}, Yes{});
+  }
+}
+
+// The scatter-add of a backward that computes no volume gradient (never called).
+struct NoScatter {
+  template <typename T>
+  TDRR_HD void operator()(int64_t /*offset*/, T /*value*/) const {}
+};
+
+// Forward of one ray together with its Jacobian: out[c] = F_c as ray_forward, and jac[6 c .. 6 c + 6) =
+// (dF_c/ds_world, dF_c/dt_world) for c < channels, so that the gradient of a loss through the ray's endpoints is
+// sum_c g_c jac_c. Non-finite endpoints give NaN in both; a ray that misses the volume gives 0 in both.
+// Siddon: one walk for all channels (SiddonJacobianVisitor), with the same formulas as ray_backward. Trilinear: the
+// forward, then ray_backward with a unit gradient per channel (channels + 1 walks).
+template <typename T, int MaxC, bool Packed, bool Trilinear, bool Steps = false>
+TDRR_HD void ray_forward_jacobian(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
+                                  const T* s_world, const T* t_world, T step_mm, T* out, T* jac) {
+  if constexpr (Trilinear) {
+    ray_forward<T, MaxC, Packed, true, Steps>(g, volume, channels, s_world, t_world, step_mm, out);
+    NoScatter none;
+    const T one = T(1);
+    for (int c = 0; c < channels; ++c) {
+      ray_backward<T, 1, /*Trilinear=*/true, /*WantVolume=*/false, /*WantRays=*/true, Steps>(
+          g, volume + c * g.channel_stride, 1, s_world, t_world, step_mm, &one, none, jac + 6 * c, jac + 6 * c + 3);
+    }
+  } else {
+    if (!all_finite(s_world) || !all_finite(t_world)) {
+      for (int c = 0; c < channels; ++c) {
+        out[c] = NAN;
+        for (int k = 0; k < 6; ++k) jac[6 * c + k] = NAN;
+      }
+      return;
+    }
+    const T length = world_length(s_world, t_world);
+    const ClippedRay<T> r = clip_ray(g, to_index_space(g, s_world), to_index_space(g, t_world));
+    SiddonJacobianVisitor<T, MaxC, Packed> visit{volume, g.channel_stride, channels};
+    visit.reset();
+    if (r.hit) {
+      if constexpr (Steps) {
+        siddon_steps(g, r, visit);
+      } else {
+        siddon_visit(g, r, visit);
+      }
+      visit.leave_volume(r.axis_max, r.alpha_max);
+    }
+    // A zero-length ray integrates to 0 and, like ray_backward, gets a zero gradient (its direction is undefined).
+    const bool differentiable = r.hit && length > T(0);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) {
+      if (c < channels) {
+        out[c] = r.hit ? visit.integral[c] * length : T(0);  // as ray_forward, also for an overflowing length
+        T dS_ds[3], dS_dt[3];
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+          dS_ds[a] = (visit.dw_alpha[a][c] - visit.dw_sum[a][c]) * r.inv_d[a];
+          dS_dt[a] = -visit.dw_alpha[a][c] * r.inv_d[a];
+        }
+        T* jc = jac + 6 * c;
+        if (differentiable) {
+          endpoint_gradients(g, s_world, t_world, length, visit.integral[c], dS_ds, dS_dt, jc, jc + 3);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 6; ++k) jc[k] = T(0);
+        }
+      }
+    }
   }
 }
 

@@ -60,6 +60,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
                                                                     const at::Tensor& sources,
                                                                     const at::Tensor& targets, int64_t mode,
                                                                     double step, bool volume_grad, bool rays_grad);
+// The forward together with each ray's Jacobian (ray_math.h, ray_forward_jacobian): (out [N, C], jacobian [N, C, 6]
+// = (dF_c/ds, dF_c/dt) in world mm). What the CPU camera_raycast_forward_jacobian casts its pixel rays with.
+std::tuple<at::Tensor, at::Tensor> raycast_forward_jacobian_cpu(const at::Tensor& volume, const at::Tensor& affine,
+                                                              const at::Tensor& sources, const at::Tensor& targets,
+                                                              int64_t mode, double step);
 
 // Checks the camera op's own contract (camera_raycast_{cpu.cpp,cuda.cu}): sources [B, 3], ray_matrices [B, 3, 3]
 // with the volume's dtype and device, a positive detector size, B <= 65535, fewer than 2^31 rays an image.
@@ -69,6 +74,12 @@ void check_camera_inputs(const at::Tensor& volume, const at::Tensor& affine, con
 
 // Checks dLoss/dout of the camera backward: [B, R, C] with the volume's dtype and device.
 void check_camera_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t batch, int64_t rays);
+
+// Checks the inputs of camera_raycast_pose_from_jacobian: jacobian [B, R, C, 6] float32/float64 on a `device` device
+// with 1 <= B <= 65535 and R = height * width * supersample^2 rays (fewer than 2^31), and grad_output [B, R, C] with
+// its dtype and device.
+void check_camera_jacobian(const at::Tensor& grad_output, const at::Tensor& jacobian, int64_t height, int64_t width,
+                           int64_t supersample, c10::DeviceType device);
 
 // Calls f(std::integral_constant<int, MaxC>) with the smallest register bound MaxC in {1, 2, 4, 8} that holds
 // min(channels, kMaxChannelsPerWalk) channels, so that one walk of a ray serves up to 8 channels.

@@ -182,6 +182,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> raycast_backward_cpu(const at::Te
   return {grad_volume, grad_sources, grad_targets};
 }
 
+std::tuple<at::Tensor, at::Tensor> raycast_forward_jacobian_cpu(const at::Tensor& volume_in, const at::Tensor& affine,
+                                                              const at::Tensor& sources_in,
+                                                              const at::Tensor& targets_in, int64_t mode,
+                                                              double step) {
+  check_raycast_inputs(volume_in, affine, sources_in, targets_in, mode, step, c10::DeviceType::CPU);
+  const at::Tensor volume = dense_volume(volume_in);
+  const at::Tensor sources = sources_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t n_rays = sources.size(0), channels = volume.size(0);
+  at::Tensor out = at::empty({n_rays, channels}, volume.options());
+  at::Tensor jacobian = at::empty({n_rays, channels, 6}, volume.options());
+  if (n_rays == 0) return {out, jacobian};
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "raycast_forward_jacobian_cpu", [&] {
+    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
+    const scalar_t* vol = volume.const_data_ptr<scalar_t>();
+    const scalar_t* src = sources.const_data_ptr<scalar_t>();
+    const scalar_t* tgt = targets.const_data_ptr<scalar_t>();
+    scalar_t* result = out.mutable_data_ptr<scalar_t>();
+    scalar_t* jac = jacobian.mutable_data_ptr<scalar_t>();
+    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
+    const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays);
+    dispatch_channels(channels, [&](auto max_channels) {
+      constexpr int kMaxC = decltype(max_channels)::value;
+      const auto cast = [&](auto trilinear) {
+        at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t position = begin; position < end; ++position) {
+            const int64_t ray = order[position];
+            for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
+              const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
+              // Siddon walks siddon_runs here (Steps = false), the GPU siddon_steps: both drive the same visitor.
+              ray_forward_jacobian<scalar_t, kMaxC, /*Packed=*/false, decltype(trilinear)::value>(
+                  geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray, tgt + 3 * ray, step_mm,
+                  result + ray * channels + c0, jac + (ray * channels + c0) * 6);
+            }
+          }
+        });
+      };
+      mode == kTrilinear ? cast(std::true_type{}) : cast(std::false_type{});
+    });
+  });
+  return {out, jacobian};
+}
+
 TORCH_LIBRARY_IMPL(torchdrr, CPU, m) {
   m.impl("raycast_forward", &raycast_forward_cpu);
   m.impl("raycast_backward", &raycast_backward_cpu);

@@ -139,6 +139,32 @@ void check_camera_grad_output(const at::Tensor& grad_output, const at::Tensor& v
                     volume.size(0), "] with the volume's dtype and device, got ", grad_output.sizes());
 }
 
+void check_camera_jacobian(const at::Tensor& grad_output, const at::Tensor& jacobian, int64_t height, int64_t width,
+                           int64_t supersample, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1 && supersample >= 1 &&
+                        height * width * supersample * supersample < (int64_t(1) << 31),
+                    "camera_raycast_pose_from_jacobian: need height, width, supersample >= 1 and fewer than 2^31 rays "
+                    "an image, got ",
+                    height, " x ", width, " x ", supersample);
+  const int64_t rays = height * width * supersample * supersample;
+  TORCH_CHECK_VALUE(jacobian.dim() == 4 && jacobian.size(0) >= 1 && jacobian.size(0) <= 65535 &&
+                        jacobian.size(1) == rays && jacobian.size(2) >= 1 && jacobian.size(3) == 6,
+                    "camera_raycast_pose_from_jacobian: jacobian must be [B, R, C, 6] with 1 <= B <= 65535 and R = ",
+                    rays, " rays (", height, " x ", width, " x ", supersample, "^2), got ", jacobian.sizes());
+  TORCH_CHECK_TYPE(jacobian.scalar_type() == at::kFloat || jacobian.scalar_type() == at::kDouble,
+                   "camera_raycast_pose_from_jacobian: jacobian must be float32 or float64, got ",
+                   jacobian.scalar_type());
+  TORCH_CHECK_VALUE(jacobian.device().type() == device, "camera_raycast_pose_from_jacobian: jacobian must be on a ",
+                    c10::DeviceTypeName(device), " device, got ", jacobian.device());
+  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == jacobian.size(0) &&
+                        grad_output.size(1) == rays && grad_output.size(2) == jacobian.size(2) &&
+                        grad_output.device() == jacobian.device() &&
+                        grad_output.scalar_type() == jacobian.scalar_type(),
+                    "camera_raycast_pose_from_jacobian: grad_output must be [B, R, C] = [", jacobian.size(0), ", ",
+                    rays, ", ", jacobian.size(2), "] with the jacobian's dtype and device, got ", grad_output.sizes(),
+                    " ", grad_output.scalar_type(), " on ", grad_output.device());
+}
+
 template VolumeGeometry<float> make_geometry<float>(const at::Tensor&, const at::Tensor&);
 template VolumeGeometry<double> make_geometry<double>(const at::Tensor&, const at::Tensor&);
 

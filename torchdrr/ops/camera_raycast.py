@@ -11,6 +11,13 @@ point on the detector plane: the rays of ``torchdrr.geometry.pixel_rays``. Why a
 endpoint tensors are made, saved or differentiated (at 1240 x 960 they cost more than the ray cast), the CUDA kernel
 maps each warp to a compact tile of pixels whose rays read the same voxels, and the backward reduces the pose
 gradient over each block of rays inside the kernel, giving the ``[B, 3]`` and ``[B, 3, 3]`` gradients directly.
+
+When the pose needs a gradient (Siddon), the forward walk also computes every ray's Jacobian
+``(dF_c/ds, dF_c/dt)`` per channel and saves it (``torchdrr::camera_raycast_forward_jacobian``, ``[B, R, C, 6]``); the
+pose backward is then a reduction of ``grad_output x Jacobian`` over the rays
+(``torchdrr::camera_raycast_pose_from_jacobian``) instead of a second walk of every ray through the volume, which
+cost twice the forward on the H100. A volume gradient still comes from ``torchdrr::camera_raycast_backward`` (its
+back-projection walks the rays anyway). Above ``POSE_JACOBIAN_MAX_BYTES`` of Jacobian the op keeps the two-walk path.
 """
 
 from __future__ import annotations
@@ -24,9 +31,16 @@ from torch import Tensor
 from .._extension import require_kernels_for
 from .raycast import RAYCAST_MODES, check_affine_mode_step
 
-__all__ = ["camera_pixel_grid", "camera_raycast"]
+__all__ = ["POSE_JACOBIAN_MAX_BYTES", "camera_pixel_grid", "camera_raycast"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+
+# The largest per-ray Jacobian, in bytes, that camera_raycast saves from the forward so that the pose backward needs
+# no second walk. Why a limit: the Jacobian is 6 values per ray and channel (6x the image), held from the forward
+# until the backward; the walk it saves costs about twice the forward. 256 MiB holds a float32 1240 x 960 image for
+# 9 cameras of one channel or 2 of four channels (28.6 MB per camera and channel); a larger batch, more channels or
+# supersampling falls back to the second walk rather than take that much more memory.
+POSE_JACOBIAN_MAX_BYTES = 256 * 2**20
 
 
 @torch.library.register_fake("torchdrr::camera_raycast_forward")
@@ -75,6 +89,72 @@ def _backward(ctx, grad_output):
 torch.library.register_autograd("torchdrr::camera_raycast_forward", _backward, setup_context=_setup_context)
 
 
+@torch.library.register_fake("torchdrr::camera_raycast_forward_jacobian")
+def _forward_jacobian_fake(volume, affine, sources, ray_matrices, height, width, supersample, mode, step):
+    rays = height * width * supersample * supersample
+    batch, channels = sources.shape[0], volume.shape[0]
+    return volume.new_empty((batch, rays, channels)), volume.new_empty((batch, rays, channels, 6))
+
+
+@torch.library.register_fake("torchdrr::camera_raycast_pose_from_jacobian")
+def _pose_from_jacobian_fake(grad_output, jacobian, height, width, supersample):
+    batch = jacobian.shape[0]
+    return jacobian.new_empty((batch, 3)), jacobian.new_empty((batch, 3, 3))
+
+
+def _jacobian_setup_context(ctx, inputs, output):
+    volume, affine, sources, ray_matrices, height, width, supersample, mode, step = inputs
+    _, jacobian = output
+    ctx.mark_non_differentiable(jacobian)
+    # No zeros of the Jacobian's size for its (never used) gradient.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(volume, affine, sources, ray_matrices, jacobian)
+    ctx.args = (height, width, supersample, mode, step)
+
+
+def _jacobian_backward(ctx, grad_output, _grad_jacobian):
+    volume, affine, sources, ray_matrices, jacobian = ctx.saved_tensors
+    height, width, supersample, _, _ = ctx.args
+    want_volume = ctx.needs_input_grad[0]
+    want_sources, want_matrices = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    grad_volume = grad_sources = grad_matrices = None
+    if grad_output is not None:
+        grad_output = grad_output.contiguous()
+        if want_volume:  # the back-projection walks the rays anyway; the pose part is not asked of it
+            grad_volume, _, _ = torch.ops.torchdrr.camera_raycast_backward(
+                grad_output, volume, affine, sources, ray_matrices, *ctx.args, True, False
+            )
+        if want_sources or want_matrices:
+            grad_sources, grad_matrices = torch.ops.torchdrr.camera_raycast_pose_from_jacobian(
+                grad_output, jacobian, height, width, supersample
+            )
+    return (
+        grad_volume,
+        None,
+        grad_sources if want_sources else None,
+        grad_matrices if want_matrices else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "torchdrr::camera_raycast_forward_jacobian", _jacobian_backward, setup_context=_jacobian_setup_context
+)
+
+
+def _uses_pose_jacobian(volume4: Tensor, sources: Tensor, ray_matrices: Tensor, mode: str, rays: int) -> bool:
+    """Whether camera_raycast casts through the Jacobian op: the pose will be differentiated, Siddon (the fused walk
+    exists for it; trilinear would walk once per channel), and the Jacobian fits POSE_JACOBIAN_MAX_BYTES."""
+    if not (torch.is_grad_enabled() and (sources.requires_grad or ray_matrices.requires_grad) and mode == "siddon"):
+        return False
+    jacobian_bytes = sources.shape[0] * rays * volume4.shape[0] * 6 * volume4.element_size()
+    return jacobian_bytes <= POSE_JACOBIAN_MAX_BYTES
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -113,7 +193,11 @@ def camera_raycast(
         sub-column like ``torchdrr.geometry.pixel_rays``: line integrals in volume units x mm.
 
     Gradients reach ``volume`` (back-projection), ``sources`` and ``ray_matrices``, each only when needed; the pose
-    gradients are reduced over the rays inside the kernel. Works under ``torch.compile(fullgraph=True)``.
+    gradients are reduced over the rays inside the kernel. When ``sources`` or ``ray_matrices`` require grad (grad
+    mode on, Siddon), the forward also saves every ray's Jacobian ``[B, R, C, 6]`` so that the pose backward walks no
+    ray again, as long as it takes at most ``POSE_JACOBIAN_MAX_BYTES`` (module docstring). The image is the same
+    either way and so are the gradients, up to rounding (that route sums the pose gradient in float64). Works under
+    ``torch.compile(fullgraph=True)``.
     """
     for name, value in (("volume", volume), ("sources", sources), ("ray_matrices", ray_matrices)):
         if not isinstance(value, Tensor):
@@ -147,10 +231,14 @@ def camera_raycast(
     require_kernels_for(volume.device, "volume")
     affine, step_mm = check_affine_mode_step(affine, mode, step)
     volume4 = volume if volume.dim() == 4 else volume.unsqueeze(0)
-    out = torch.ops.torchdrr.camera_raycast_forward(
+    args = (
         volume4, affine, sources.contiguous(), ray_matrices.contiguous(), height, width, supersample,
         RAYCAST_MODES[mode], step_mm,
     )  # fmt: skip
+    if _uses_pose_jacobian(volume4, sources, ray_matrices, mode, height * width * supersample * supersample):
+        out, _ = torch.ops.torchdrr.camera_raycast_forward_jacobian(*args)
+    else:
+        out = torch.ops.torchdrr.camera_raycast_forward(*args)
     return out if volume.dim() == 4 else out.squeeze(-1)
 
 
