@@ -35,10 +35,10 @@ constexpr int kDefaultTileWidth = 2;
 #define TORCHDRR_BACKWARD_MIN_BLOCKS 3
 #endif
 // The forward with the Jacobian (camera_forward_jacobian_kernel) keeps 8 sums per channel instead of the forward's
-// 1: 3 blocks (80 registers) for one channel, whose Siddon walk then takes 79 (sm_90, float32, no spills); 2 blocks
-// (128) for 2 and 4 channels, which take 107 and 120-124 and spilled 28 and 120-152 bytes under 80 registers.
+// 1: 4 blocks (64 registers) for one channel, whose Siddon walk takes 55 (sm_90, float32, no spills); 2 blocks (128)
+// for 2 and 4 channels, which take 68 and 83-89.
 #ifndef TORCHDRR_JACOBIAN_MIN_BLOCKS_1
-#define TORCHDRR_JACOBIAN_MIN_BLOCKS_1 3
+#define TORCHDRR_JACOBIAN_MIN_BLOCKS_1 4
 #endif
 #ifndef TORCHDRR_JACOBIAN_MIN_BLOCKS_N
 #define TORCHDRR_JACOBIAN_MIN_BLOCKS_N 2
@@ -130,6 +130,7 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 }
 
 template <typename T, int MaxC, bool Packed, bool Trilinear>
+// The one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full occupancy) without spills.
 __global__ void __launch_bounds__(kThreads, (Trilinear || MaxC > 1) ? kForwardMinBlocks : 8)
     camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
@@ -222,19 +223,12 @@ __global__ void __launch_bounds__(kThreads, jacobian_min_blocks(MaxC))
   const int b = blockIdx.y;
   T s[3], t[3];
   camera_endpoints(sources, matrices, b, u, v, s, t);
-  const int64_t first = (b * cam.rays + ray) * channels;
-  T* result = out + first;
-  T* jac = jacobian + 6 * first;
-  if (channels <= MaxC) {  // the usual case, without the chunk loop's offsets
-    ray_forward_jacobian<T, MaxC, Packed, Trilinear, /*Steps=*/true>(geometry, volume, static_cast<int>(channels), s,
-                                                                     t, step_mm, result, jac);
-    return;
-  }
-  for (int64_t c0 = 0; c0 < channels; c0 += MaxC) {
-    const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
-    ray_forward_jacobian<T, MaxC, Packed, Trilinear, /*Steps=*/true>(
-        geometry, volume + c0 * geometry.channel_stride, chunk, s, t, step_mm, result + c0, jac + 6 * c0);
-  }
+  // blockIdx.z picks the chunk of MaxC channels, as in camera_forward_kernel (and for the same reason).
+  const int64_t c0 = static_cast<int64_t>(blockIdx.z) * MaxC;
+  const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
+  const int64_t first = (b * cam.rays + ray) * channels + c0;
+  ray_forward_jacobian<T, MaxC, Packed, Trilinear, /*Steps=*/true>(
+      geometry, opaque(volume + c0 * geometry.channel_stride), chunk, s, t, step_mm, out + first, jacobian + 6 * first);
 }
 
 // Rays per thread of the pose reduction from the Jacobian, kThreads apart so that a warp reads consecutive rays.
@@ -291,6 +285,12 @@ __global__ void __launch_bounds__(kThreads)
   block_sum(parts, pose_partials + (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * 12);
 }
 
+// Launch grid of the forward kernels: (blocks of an image, cameras, chunks of max_channels channels).
+dim3 chunked_grid(const CameraGrid& cam, int64_t batch, int64_t channels, int max_channels) {
+  const int64_t chunks = check_channel_chunks(channels, max_channels);
+  return dim3(static_cast<unsigned>(cam.blocks), static_cast<unsigned>(batch), static_cast<unsigned>(chunks));
+}
+
 // Calls f(std::integral_constant<int, MaxC>) with MaxC in {1, 2, 4}: the camera kernels walk up to 4 channels at a
 // time (the DRR's materials are 3 or 4 channels), which halves their compile time against dispatch_channels.
 template <typename F>
@@ -322,10 +322,7 @@ at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Te
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
     dispatch_camera_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
-      const int64_t chunks = (channels + kMaxC - 1) / kMaxC;
-      TORCH_CHECK_VALUE(chunks <= 65535, "camera_raycast: the GPU kernel takes at most ", 65535 * kMaxC,
-                        " channels, got ", channels);
-      const dim3 grid(static_cast<unsigned>(cam.blocks), static_cast<unsigned>(batch), static_cast<unsigned>(chunks));
+      const dim3 grid = chunked_grid(cam, batch, channels, kMaxC);
       const auto launch = [&](auto packed, auto trilinear) {
         camera_forward_kernel<scalar_t, kMaxC, decltype(packed)::value, decltype(trilinear)::value>
             <<<grid, kThreads, 0, stream>>>(geometry, volume.const_data_ptr<scalar_t>(), channels,
@@ -413,12 +410,12 @@ std::tuple<at::Tensor, at::Tensor> camera_raycast_forward_jacobian_cuda(
   at::Tensor out = at::empty({batch, cam.rays, channels}, volume.options());
   at::Tensor jacobian = at::empty({batch, cam.rays, channels, 6}, volume.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(cam.blocks), static_cast<unsigned>(batch));
   AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "camera_raycast_forward_jacobian_cuda", [&] {
     const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
     dispatch_camera_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
+      const dim3 grid = chunked_grid(cam, batch, channels, kMaxC);
       const auto launch = [&](auto packed, auto trilinear) {
         camera_forward_jacobian_kernel<scalar_t, kMaxC, decltype(packed)::value, decltype(trilinear)::value>
             <<<grid, kThreads, 0, stream>>>(geometry, volume.const_data_ptr<scalar_t>(), channels,

@@ -25,6 +25,9 @@ enum RaycastMode : int64_t { kSiddon = 0, kTrilinear = 1 };
 void check_raycast_inputs(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
                           const at::Tensor& targets, int64_t mode, double step, c10::DeviceType device);
 
+// Number of chunks of max_channels channels, which the camera kernels take as gridDim.z: at most 65535.
+int64_t check_channel_chunks(int64_t channels, int64_t max_channels);
+
 // Checks dLoss/dout of the backward: [N, C] with the volume's dtype and device.
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t n_rays);
 

@@ -202,23 +202,30 @@ std::tuple<at::Tensor, at::Tensor> raycast_forward_jacobian_cpu(const at::Tensor
     scalar_t* jac = jacobian.mutable_data_ptr<scalar_t>();
     const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
     const std::vector<int64_t> order = locality_order(geometry, src, tgt, n_rays);
+    const bool gpu_walk = cpu_uses_gpu_walk(volume);
     dispatch_channels(channels, [&](auto max_channels) {
       constexpr int kMaxC = decltype(max_channels)::value;
-      const auto cast = [&](auto trilinear) {
+      const auto cast = [&](auto trilinear, auto steps) {
         at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
           for (int64_t position = begin; position < end; ++position) {
             const int64_t ray = order[position];
             for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
               const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
-              // Siddon walks siddon_runs here (Steps = false), the GPU siddon_steps: both drive the same visitor.
-              ray_forward_jacobian<scalar_t, kMaxC, /*Packed=*/false, decltype(trilinear)::value>(
+              // Siddon walks siddon_runs here unless TORCHDRR_CPU_SIDDON_WALK=steps (the GPU's walk): both drive
+              // the same visitor.
+              ray_forward_jacobian<scalar_t, kMaxC, /*Packed=*/false, decltype(trilinear)::value,
+                                   decltype(steps)::value>(
                   geometry, vol + c0 * geometry.channel_stride, chunk, src + 3 * ray, tgt + 3 * ray, step_mm,
                   result + ray * channels + c0, jac + (ray * channels + c0) * 6);
             }
           }
         });
       };
-      mode == kTrilinear ? cast(std::true_type{}) : cast(std::false_type{});
+      if (gpu_walk) {
+        mode == kTrilinear ? cast(std::true_type{}, std::true_type{}) : cast(std::false_type{}, std::true_type{});
+      } else {
+        mode == kTrilinear ? cast(std::true_type{}, std::false_type{}) : cast(std::false_type{}, std::false_type{});
+      }
     });
   });
   return {out, jacobian};

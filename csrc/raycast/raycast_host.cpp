@@ -76,6 +76,13 @@ VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affi
   return g;
 }
 
+int64_t check_channel_chunks(int64_t channels, int64_t max_channels) {
+  const int64_t chunks = (channels + max_channels - 1) / max_channels;
+  TORCH_CHECK_VALUE(chunks <= 65535, "camera_raycast: the GPU kernels take at most ", 65535 * max_channels,
+                    " channels, got ", channels);
+  return chunks;
+}
+
 void check_int32_span(const at::Tensor& volume) {
   int64_t span = 1;
   for (int d = 0; d < volume.dim(); ++d) span += (volume.size(d) - 1) * volume.stride(d);
