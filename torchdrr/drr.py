@@ -445,7 +445,8 @@ class DRR(nn.Module):
         if not isinstance(camera, Camera):
             raise TypeError(f"camera must be a torchdrr.geometry.Camera, got {type(camera).__name__}")
         camera = camera.to(device=self.device)
-        sources, ray_matrices = camera.ray_parameters()
+        # In the module's dtype straight from the op, so that cast_camera's .to(device, dtype) is a no-op.
+        sources, ray_matrices = camera.ray_parameters(dtype=self.dtype)
         return self.cast_camera(sources, ray_matrices, camera.height, camera.width)
 
     def cast_camera(self, sources: Tensor, ray_matrices: Tensor, height: int, width: int) -> Tensor:

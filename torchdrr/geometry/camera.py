@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..ops.pose_ray_parameters import pose_kernels_available
 from .carm import carm_extrinsics
 from .projection import decompose_projection, project_points, projection_matrix
 
@@ -123,7 +124,7 @@ def pixel_rays(
 
 
 def camera_ray_parameters(
-    intrinsics: Tensor, rotation: Tensor, translation: Tensor, sdd_mm: float
+    intrinsics: Tensor, rotation: Tensor, translation: Tensor, sdd_mm: float, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
     """The source positions and pixel-to-ray matrices that ``torchdrr.ops.camera_raycast`` takes.
 
@@ -137,20 +138,49 @@ def camera_ray_parameters(
         rotation: ``[B, 3, 3]`` or ``[3, 3]`` world -> camera rotation R.
         translation: ``[B, 3]`` or ``[3]`` world -> camera translation t (mm).
         sdd_mm: source-to-detector distance (mm).
+        dtype: float32 or float64 dtype of the outputs (default: ``rotation``'s); the computation runs in
+            ``rotation``'s dtype either way, so float64 poses give float32 rays without a separate cast.
 
     Returns:
         ``sources`` ``[B, 3]`` (``-R^T t``, mm) and ``ray_matrices`` ``[B, 3, 3]`` (``SDD * R^T K^-1``, mm per
-        pixel), in the dtype and device of ``rotation``; differentiable with respect to all tensor inputs.
+        pixel), in ``dtype`` on the device of ``rotation``; differentiable with respect to all tensor inputs. For
+        float32/float64 poses on the CPU or a GPU this is one ``torch.ops.torchdrr.pose_ray_parameters`` launch
+        forward and one backward; when ``intrinsics`` or a tensor ``sdd_mm`` requires a gradient (which the op does
+        not give) the composite tensor-op path runs instead.
     """
     rotation, translation = _batched_extrinsics(rotation, translation, sdd_mm)
+    out_dtype = rotation.dtype if dtype is None else dtype
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if translation.dtype != rotation.dtype:
+        raise TypeError(f"translation must have the rotation's dtype {rotation.dtype}, got {translation.dtype}")
     intrinsics = intrinsics.to(dtype=rotation.dtype, device=rotation.device)
-    # K is upper triangular (a pinhole: design.md §3), so K^-1 is one triangular solve: on a GPU, one small kernel
-    # instead of a general inverse's factorisation.
+    batch = rotation.shape[0]
+    if intrinsics.dim() == 3 and intrinsics.shape[0] == 1 and batch != 1:
+        intrinsics = intrinsics.reshape(3, 3)  # one K shared by the batch, as broadcasting would
+    if (
+        intrinsics.shape[-2:] != (3, 3)
+        or intrinsics.dim() not in (2, 3)
+        or (intrinsics.dim() == 3 and intrinsics.shape[0] != batch)
+    ):
+        raise ValueError(
+            f"intrinsics must be [3, 3] or [B, 3, 3] with the rotation's B = {batch}, got {tuple(intrinsics.shape)}"
+        )
+    sdd_needs_grad = isinstance(sdd_mm, Tensor) and sdd_mm.requires_grad
+    if (
+        rotation.dtype in (torch.float32, torch.float64)
+        and not intrinsics.requires_grad
+        and not sdd_needs_grad
+        and pose_kernels_available(rotation.device)
+    ):
+        return torch.ops.torchdrr.pose_ray_parameters(intrinsics, rotation, translation, float(sdd_mm), out_dtype)
+    # The composite path: K (or a tensor SDD) gets a gradient here, and it runs on devices and dtypes the op has no
+    # kernel for. K is upper triangular (a pinhole: design.md §3), so K^-1 is one triangular solve.
     eye = torch.eye(3, dtype=rotation.dtype, device=rotation.device)
     k_inv = torch.linalg.solve_triangular(intrinsics, eye.expand_as(intrinsics), upper=True)
     rotation_t = rotation.transpose(-1, -2)
     sources = -(rotation_t @ translation.unsqueeze(-1)).squeeze(-1)
-    return sources, sdd_mm * (rotation_t @ k_inv)
+    return sources.to(out_dtype), (sdd_mm * (rotation_t @ k_inv)).to(out_dtype)
 
 
 def crop_intrinsics(intrinsics: Tensor, top: int, left: int) -> Tensor:
@@ -278,10 +308,10 @@ class Camera:
             self.intrinsics, self.rotation, self.translation, self.height, self.width, self.sdd_mm, supersample
         )
 
-    def ray_parameters(self) -> tuple[Tensor, Tensor]:
-        """``sources`` ``[B, 3]`` and ``ray_matrices`` ``[B, 3, 3]`` for ``torchdrr.ops.camera_raycast``; see
-        :func:`camera_ray_parameters`."""
-        return camera_ray_parameters(self.intrinsics, self.rotation, self.translation, self.sdd_mm)
+    def ray_parameters(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``sources`` ``[B, 3]`` and ``ray_matrices`` ``[B, 3, 3]`` for ``torchdrr.ops.camera_raycast``, in ``dtype``
+        (default: the rotation's); see :func:`camera_ray_parameters`."""
+        return camera_ray_parameters(self.intrinsics, self.rotation, self.translation, self.sdd_mm, dtype=dtype)
 
     def project(self, points: Tensor) -> Tensor:
         """Pixel coordinates ``(u, v)`` = (column, row) ``[B, N, 2]`` of world points ``[N, 3]`` or ``[B, N, 3]``

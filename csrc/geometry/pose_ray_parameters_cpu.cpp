@@ -1,0 +1,93 @@
+// CPU implementation of torchdrr::pose_ray_parameters and pose_ray_parameters_backward: poses are spread over threads
+// with at::parallel_for; each pose is computed by the shared per-pose code in pose_math.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "pose_ray_parameters.h"
+
+namespace torchdrr {
+namespace {
+
+// Poses per task: one pose is about fifty flops and no transcendental, so only large batches are worth threads.
+constexpr int64_t kPoseGrain = 4096;
+
+std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_cpu(const at::Tensor& intrinsics, const at::Tensor& rotation,
+                                                           const at::Tensor& translation, double sdd_mm,
+                                                           at::ScalarType out_dtype) {
+  check_pose_inputs(intrinsics, rotation, translation, sdd_mm, c10::DeviceType::CPU);
+  check_pose_out_dtype(out_dtype);
+  const int64_t batch = rotation.size(0);
+  const at::TensorOptions options = rotation.options().dtype(out_dtype);
+  at::Tensor sources = at::empty({batch, 3}, options);
+  at::Tensor ray_matrices = at::empty({batch, 3, 3}, options);
+  dispatch_carm_dtype(rotation.scalar_type(), [&](auto in_tag) {
+    using T = decltype(in_tag);
+    dispatch_carm_dtype(out_dtype, [&](auto out_tag) {
+      using O = decltype(out_tag);
+      const PoseInputs<T> in = make_pose_inputs<T>(intrinsics, rotation, translation, sdd_mm);
+      O* source_out = sources.mutable_data_ptr<O>();
+      O* matrix_out = ray_matrices.mutable_data_ptr<O>();
+      at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          T pose_rotation[3][3], pose_translation[3], k_inv[3][3], source[3], matrix[3][3];
+          load_pose(in, b, pose_rotation, pose_translation, k_inv);
+          pose_ray_parameters_pose(pose_rotation, pose_translation, k_inv, in.sdd_mm, source, matrix);
+          for (int i = 0; i < 3; ++i) {
+            source_out[b * 3 + i] = static_cast<O>(source[i]);
+            for (int k = 0; k < 3; ++k) matrix_out[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
+          }
+        }
+      });
+    });
+  });
+  return {sources, ray_matrices};
+}
+
+std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_backward_cpu(const at::Tensor& grad_sources,
+                                                                    const at::Tensor& grad_ray_matrices,
+                                                                    const at::Tensor& intrinsics,
+                                                                    const at::Tensor& rotation,
+                                                                    const at::Tensor& translation, double sdd_mm) {
+  check_pose_inputs(intrinsics, rotation, translation, sdd_mm, c10::DeviceType::CPU);
+  check_pose_grads(grad_sources, grad_ray_matrices, rotation);
+  const int64_t batch = rotation.size(0);
+  at::Tensor grad_rotation = at::empty({batch, 3, 3}, rotation.options());
+  at::Tensor grad_translation = at::empty({batch, 3}, translation.options());
+  dispatch_carm_dtype(rotation.scalar_type(), [&](auto in_tag) {
+    using T = decltype(in_tag);
+    dispatch_carm_dtype(grad_sources.scalar_type(), [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      const PoseInputs<T> in = make_pose_inputs<T>(intrinsics, rotation, translation, sdd_mm);
+      const CarmGrads<G> grads = make_carm_grads<G>(grad_sources, grad_ray_matrices);
+      T* rotation_out = grad_rotation.mutable_data_ptr<T>();
+      T* translation_out = grad_translation.mutable_data_ptr<T>();
+      at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          T pose_rotation[3][3], pose_translation[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
+          T pose_grad_rotation[3][3], pose_grad_translation[3];
+          load_pose(in, b, pose_rotation, pose_translation, k_inv);
+          load_carm_grads(grads, b, grad_source, grad_matrix);
+          pose_ray_parameters_pose_backward(pose_rotation, pose_translation, k_inv, in.sdd_mm, grad_source,
+                                            grad_matrix, pose_grad_rotation, pose_grad_translation);
+          for (int j = 0; j < 3; ++j) {
+            translation_out[b * 3 + j] = pose_grad_translation[j];
+            for (int i = 0; i < 3; ++i) rotation_out[b * 9 + j * 3 + i] = pose_grad_rotation[j][i];
+          }
+        }
+      });
+    });
+  });
+  return {grad_rotation, grad_translation};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchdrr, CPU, m) {
+  m.impl("pose_ray_parameters", &pose_ray_parameters_cpu);
+  m.impl("pose_ray_parameters_backward", &pose_ray_parameters_backward_cpu);
+}
+
+}  // namespace torchdrr
