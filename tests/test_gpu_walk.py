@@ -74,7 +74,8 @@ def test_gpu_walk_matches_cpu_walk(monkeypatch, pose, affine_name) -> None:
     runs = render_with_grads(monkeypatch, None, volume, affine, sources, matrices, 9, weights)
     steps = render_with_grads(monkeypatch, "steps", volume, affine, sources, matrices, 9, weights)
     assert int((runs[0] > 0).sum()) > runs[0].numel() // 3  # most rays cross the volume: the test can fail
-    for name, expected, got in zip(("image", "volume grad", "source grad", "ray-matrix grad"), runs, steps):
+    names = ("image", "volume grad", "source grad", "ray-matrix grad")
+    for name, expected, got in zip(names, runs, steps, strict=True):
         assert float(expected.abs().max()) > 0, name
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()), msg=name)
 

@@ -58,9 +58,9 @@ def render_line_integrals(
     if affine is None:
         raise ValueError("affine is required when mu is a tensor")
     camera = camera.to(device=mu.device)
-    sources, ray_matrices = camera.ray_parameters()
+    sources, ray_matrices = camera.ray_parameters(dtype=mu.dtype)
     integrals = camera_raycast(
-        mu, affine, sources.to(mu.dtype), ray_matrices.to(mu.dtype), camera.height, camera.width, mode=mode,
+        mu, affine, sources, ray_matrices, camera.height, camera.width, mode=mode,
         step=step, supersample=supersample,
     )  # fmt: skip
     channels = 1 if mu.dim() == 3 else mu.shape[0]
