@@ -169,6 +169,20 @@ def test_drr_outputs_and_gradients_stay_finite_at_any_attenuation(device: str) -
     check()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_saturated_exposure_leaves_unattenuated_pixels_finite(device: str) -> None:
+    """Automatic exposure where every ray through the body is fully attenuated and one detector row misses it (the
+    example hypothesis found on the H100): N0 saturates, and the row that misses the body stays finite in float32
+    (with N0 at the float32 maximum, N0 times its flat-field signal was inf)."""
+    drr = slab_drr(100.0, torch.float32, device, noise=None, photons_behind_patient=500.0)
+    camera = pose(torch.tensor((0.0, 16.0, 0.0), dtype=F64, device=device))
+    line = drr(camera, output="line_integral", noisy=False)
+    assert float(line[0, 0, 0].abs().max()) == 0.0 and float(line[0, 0, 1:].min()) > 100.0  # the scene as described
+    image = drr(camera, output="intensity")
+    assert torch.isfinite(image).all(), image
+    assert float(image[0, 0, 0].min()) > 1e18  # saturated, not clipped to something small
+
+
 @pytest.mark.parametrize("dtype, attenuation_lengths", [(torch.float32, 300.0), (F64, 3000.0)])
 def test_line_integral_exact_where_exp_underflows(dtype: torch.dtype, attenuation_lengths: float) -> None:
     """Monoenergetic 60 keV through bone: ``-log(I / I0) = mu/rho x A`` even where ``exp(-mu/rho A)`` is far below
