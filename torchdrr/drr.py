@@ -825,13 +825,14 @@ class DRR(nn.Module):
             behind_body = sums[:, 0] / sums[:, 1].clamp_min(1)
             mean_detected = torch.where(sums[:, 1] > 0, behind_body, sums[:, 2] / sums[:, 3])
             # A view whose every ray is fully attenuated detects 0 photons per unit N0 (exp underflows): the exposure
-            # then saturates, as a real exposure control does, instead of log(0). The ceiling is the square root of
-            # the dtype's largest value (1.8e19 photons a pixel in float32), not the largest value itself: a ray that
-            # misses the body detects N0 times its flat-field signal, which must stay finite (with N0 at the float32
-            # maximum it overflowed to inf; found by the numerical-health property test on the H100).
+            # then saturates, as a real exposure control does, instead of log(0). The ceiling is the fourth root of
+            # the dtype's largest value (4.3e9 photons a pixel in float32, far above any tube's output), not the
+            # largest value itself: a ray that misses the body detects N0 times its flat-field signal, and the noise
+            # models square such signals; both must stay finite (at the float32 maximum the image was inf, at its
+            # square root the Gaussian noise's variance; found by the numerical-health property test on the H100).
             mean_detected = mean_detected.clamp_min(torch.finfo(mean_detected.dtype).tiny)
             log_target = target.log() if isinstance(target, Tensor) else math.log(target)
-            log_n0_ceiling = 0.5 * math.log(torch.finfo(self.dtype).max)
+            log_n0_ceiling = 0.25 * math.log(torch.finfo(self.dtype).max)
             return (log_target - mean_detected.log()).clamp(max=log_n0_ceiling).to(self.dtype)
 
     def _flat_mean_energy(self, p: Tensor, cached: bool = True) -> float:

@@ -174,13 +174,21 @@ def test_saturated_exposure_leaves_unattenuated_pixels_finite(device: str) -> No
     """Automatic exposure where every ray through the body is fully attenuated and one detector row misses it (the
     example hypothesis found on the H100): N0 saturates, and the row that misses the body stays finite in float32
     (with N0 at the float32 maximum, N0 times its flat-field signal was inf)."""
-    drr = slab_drr(100.0, torch.float32, device, noise=None, photons_behind_patient=500.0)
+    drr = slab_drr(
+        100.0,
+        torch.float32,
+        device,
+        noise=Noise(method="gaussian", electronic_std_photons=2.0),
+        photons_behind_patient=500.0,
+    )
     camera = pose(torch.tensor((0.0, 16.0, 0.0), dtype=F64, device=device))
     line = drr(camera, output="line_integral", noisy=False)
     assert float(line[0, 0, 0].abs().max()) == 0.0 and float(line[0, 0, 1:].min()) > 100.0  # the scene as described
-    image = drr(camera, output="intensity")
+    image = drr(camera, output="intensity", noisy=False)
     assert torch.isfinite(image).all(), image
-    assert float(image[0, 0, 0].min()) > 1e18  # saturated, not clipped to something small
+    assert float(image[0, 0, 0].min()) > 1e9  # saturated, not clipped to something small
+    noisy = drr(camera, output="line_integral", generator=torch.Generator(device=device).manual_seed(0))
+    assert torch.isfinite(noisy).all(), noisy  # the Gaussian noise squares the saturated signal
 
 
 @pytest.mark.parametrize("dtype, attenuation_lengths", [(torch.float32, 300.0), (F64, 3000.0)])
