@@ -353,9 +353,13 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
   for (;;) {
-    const T crossing = fmin(fmin(next[0], next[1]), next[2]);  // min/max instructions, no compare-and-select
+    const bool first_before_second = next[0] <= next[1];
+    const T nearest01 = first_before_second ? next[0] : next[1];
+    const bool third = next[2] < nearest01;
+    const T crossing = third ? next[2] : nearest01;
     const bool exits = !(crossing < r.alpha_max);
-    // The segment's end, never before its start (rounding can order crossings a hair apart).
+    // The segment's end, never before its start (rounding can order crossings a hair apart): two min/max
+    // instructions instead of two compare-and-select pairs.
     const T end = fmax(fmin(crossing, r.alpha_max), alpha);
     // One unsigned compare covers both ends (a negative offset wraps to a huge one).
     const bool in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
@@ -364,18 +368,19 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha, end, entry_axis);
     if (exits || !in_range) break;
     alpha = end;
-    // Every axis whose next plane is at the crossing is crossed: two or three at once where the ray passes exactly
-    // through a voxel edge or corner (the voxels between would have zero length). The counts of the axes not
-    // crossed add 0, so that no result needs a selection; no if/else chain on the crossed axis (the compiler turned
-    // one into divergent branches) and no array indexed by the axis (it would live in local memory on the GPU).
-    const bool cross0 = next[0] == crossing, cross1 = next[1] == crossing, cross2 = next[2] == crossing;
-    entry_axis = cross2 ? 2 : (cross1 ? 1 : 0);
-    offset += (cross0 ? offset_step[0] : 0) + (cross1 ? offset_step[1] : 0) + (cross2 ? offset_step[2] : 0);
+    // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
+    // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three
+    // fused multiply-adds then need no selection (an axis not crossed gets its own value back). (Crossing every
+    // axis whose next plane equals the minimum, with min instructions instead of the compare chain, was slower on
+    // the H100: 0.96 against 0.90 ms, 675 M against 655 M instructions.)
+    const bool cross0 = !third && first_before_second, cross1 = !third && !first_before_second;
     crossed[0] += cross0 ? T(1) : T(0);
     crossed[1] += cross1 ? T(1) : T(0);
-    crossed[2] += cross2 ? T(1) : T(0);
+    crossed[2] += third ? T(1) : T(0);
 #pragma unroll
     for (int a = 0; a < 3; ++a) next[a] = crossed[a] * delta[a] + first[a];
+    offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
+    entry_axis = third ? 2 : (cross0 ? 0 : 1);
   }
   visit.finish();
 }
