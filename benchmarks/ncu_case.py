@@ -1,0 +1,48 @@
+"""The renders profiled for benchmarks/NOTES.md's kernel table: chest CT, 1240 x 960, AP, b1.
+
+Each of two passes runs the plain forward, then the forward that saves the pose Jacobian and its backward (the
+reduction), so that ncu can skip the first pass:
+
+    ncu --clock-control none --kernel-name regex:camera_ --launch-skip 3 --launch-count 3 \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
+        --section LaunchStats --section SchedulerStats --section InstructionStats \\
+        python benchmarks/ncu_case.py siddon        # or: trilinear (step 0.7 mm; its backward walks again)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from torchdrr.geometry import camera_ray_parameters, carm_extrinsics, intrinsic_matrix
+from torchdrr.io import load_nifti, volume_center
+from torchdrr.ops import camera_raycast
+from torchdrr.render import hu_to_mu
+
+CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct" / "lidc-idri-0001.nii.gz"
+
+
+def main(mode: str) -> None:
+    if mode not in ("siddon", "trilinear"):
+        raise SystemExit(f"mode must be siddon or trilinear, got {mode!r}")
+    hu, affine = load_nifti(CT)
+    mu = hu_to_mu(hu).cuda().float()
+    isocenter = volume_center(affine, mu.shape).cuda()
+    angles = torch.tensor([180.0], dtype=torch.float64, device="cuda")
+    rotation, translation = carm_extrinsics(angles, torch.zeros_like(angles), 850.0, isocenter)
+    intrinsics = intrinsic_matrix(1020.0, 960, 1240, (289.0 / 960, 373.0 / 1240)).cuda()
+    sources, matrices = camera_ray_parameters(intrinsics, rotation, translation, 1020.0, dtype=torch.float32)
+    sources = sources.requires_grad_()
+    step = 0.7 if mode == "trilinear" else None
+    for _ in range(2):
+        with torch.no_grad():
+            camera_raycast(mu, affine, sources, matrices, 960, 1240, mode=mode, step=step)
+        image = camera_raycast(mu, affine, sources, matrices, 960, 1240, mode=mode, step=step)
+        torch.autograd.grad(image.sum(), sources)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "siddon")
