@@ -25,9 +25,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kDefaultTileWidth = 2;
-// Register caps through __launch_bounds__ (blocks of 256 threads per SM): 4 for the forward (64 registers, 50 %
-// occupancy) and 3 for the backward (80 registers). Uncapped, the forward took 128 registers (25 % occupancy) and
-// 1.3x its capped time on the H100 (benchmarks/NOTES.md). Overridable at build time for tuning.
+// Register caps through __launch_bounds__ (blocks of 256 threads per SM): 4 for the forward (64 registers; the
+// one-channel Siddon forward is capped at 8 blocks, 32 registers, at its definition) and 3 for the backward (80
+// registers). Uncapped, an earlier forward took 128 registers (25 % occupancy) and 1.3x its capped time on the H100
+// (benchmarks/NOTES.md). Overridable at build time for tuning.
 #ifndef TORCHDRR_FORWARD_MIN_BLOCKS
 #define TORCHDRR_FORWARD_MIN_BLOCKS 4
 #endif
