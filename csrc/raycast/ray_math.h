@@ -370,13 +370,15 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     alpha = end;
     // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
     // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three
-    // fused multiply-adds then need no selection (an axis not crossed gets its own value back). (Crossing every
+    // fused multiply-adds then need no selection (an axis not crossed gets its own value back). The counts move
+    // under `if`, which the GPU runs as one predicated add each; the form `count += crossed ? 1 : 0` took a select
+    // and an add (kernel 0.90 -> 0.83 ms, 655 M -> 593 M instructions, H100). (Crossing every
     // axis whose next plane equals the minimum, with min instructions instead of the compare chain, was slower on
     // the H100: 0.96 against 0.90 ms, 675 M against 655 M instructions.)
     const bool cross0 = !third && first_before_second, cross1 = !third && !first_before_second;
-    crossed[0] += cross0 ? T(1) : T(0);
-    crossed[1] += cross1 ? T(1) : T(0);
-    crossed[2] += third ? T(1) : T(0);
+    if (cross0) crossed[0] += T(1);
+    if (cross1) crossed[1] += T(1);
+    if (third) crossed[2] += T(1);
 #pragma unroll
     for (int a = 0; a < 3; ++a) next[a] = crossed[a] * delta[a] + first[a];
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
