@@ -305,9 +305,13 @@ void dispatch_camera_channels(int64_t channels, F&& f) {
   }
 }
 
-at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Tensor& affine,
-                                       const at::Tensor& sources_in, const at::Tensor& matrices_in, int64_t height,
-                                       int64_t width, int64_t supersample, int64_t mode, double step) {
+// The forward and the forward with the pose Jacobian share their setup and launch; WithJacobian picks the kernel
+// and whether the [B, R, C, 6] Jacobian is made (an empty tensor otherwise).
+template <bool WithJacobian>
+std::tuple<at::Tensor, at::Tensor> camera_forward_cuda(const at::Tensor& volume_in, const at::Tensor& affine,
+                                                       const at::Tensor& sources_in, const at::Tensor& matrices_in,
+                                                       int64_t height, int64_t width, int64_t supersample,
+                                                       int64_t mode, double step) {
   check_camera_inputs(volume_in, affine, sources_in, matrices_in, height, width, supersample, mode, step,
                       c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(volume_in.device());
@@ -317,6 +321,8 @@ at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Te
   const int64_t batch = sources.size(0), channels = volume.size(0);
   const CameraGrid cam = make_camera_grid(height, width, supersample);
   at::Tensor out = at::empty({batch, cam.rays, channels}, volume.options());
+  at::Tensor jacobian = WithJacobian ? at::empty({batch, cam.rays, channels, 6}, volume.options())
+                                     : at::empty({0}, volume.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "camera_raycast_forward_cuda", [&] {
     const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
@@ -325,10 +331,19 @@ at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Te
       constexpr int kMaxC = decltype(max_channels)::value;
       const dim3 grid = chunked_grid(cam, batch, channels, kMaxC);
       const auto launch = [&](auto packed, auto trilinear) {
-        camera_forward_kernel<scalar_t, kMaxC, decltype(packed)::value, decltype(trilinear)::value>
-            <<<grid, kThreads, 0, stream>>>(geometry, volume.const_data_ptr<scalar_t>(), channels,
-                                            sources.const_data_ptr<scalar_t>(), matrices.const_data_ptr<scalar_t>(),
-                                            cam, step_mm, out.mutable_data_ptr<scalar_t>());
+        constexpr bool kPacked = decltype(packed)::value, kTrilinear = decltype(trilinear)::value;
+        const scalar_t* volume_data = volume.const_data_ptr<scalar_t>();
+        const scalar_t* source_data = sources.const_data_ptr<scalar_t>();
+        const scalar_t* matrix_data = matrices.const_data_ptr<scalar_t>();
+        if constexpr (WithJacobian) {
+          camera_forward_jacobian_kernel<scalar_t, kMaxC, kPacked, kTrilinear><<<grid, kThreads, 0, stream>>>(
+              geometry, volume_data, channels, source_data, matrix_data, cam, step_mm,
+              out.mutable_data_ptr<scalar_t>(), jacobian.mutable_data_ptr<scalar_t>());
+        } else {
+          camera_forward_kernel<scalar_t, kMaxC, kPacked, kTrilinear><<<grid, kThreads, 0, stream>>>(
+              geometry, volume_data, channels, source_data, matrix_data, cam, step_mm,
+              out.mutable_data_ptr<scalar_t>());
+        }
       };
       const bool packed = has_packed_channels(volume, kMaxC);
       if (mode == kTrilinear) {
@@ -339,7 +354,14 @@ at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume_in, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return {out, jacobian};
+}
+
+at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
+                                       const at::Tensor& matrices, int64_t height, int64_t width,
+                                       int64_t supersample, int64_t mode, double step) {
+  return std::get<0>(
+      camera_forward_cuda<false>(volume, affine, sources, matrices, height, width, supersample, mode, step));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(
@@ -398,42 +420,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor> camera_raycast_forward_jacobian_cuda(
-    const at::Tensor& volume_in, const at::Tensor& affine, const at::Tensor& sources_in, const at::Tensor& matrices_in,
+    const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources, const at::Tensor& matrices,
     int64_t height, int64_t width, int64_t supersample, int64_t mode, double step) {
-  check_camera_inputs(volume_in, affine, sources_in, matrices_in, height, width, supersample, mode, step,
-                      c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard device_guard(volume_in.device());
-  const at::Tensor volume = dense_volume(volume_in);
-  check_int32_span(volume);
-  const at::Tensor sources = sources_in.contiguous(), matrices = matrices_in.contiguous();
-  const int64_t batch = sources.size(0), channels = volume.size(0);
-  const CameraGrid cam = make_camera_grid(height, width, supersample);
-  at::Tensor out = at::empty({batch, cam.rays, channels}, volume.options());
-  at::Tensor jacobian = at::empty({batch, cam.rays, channels, 6}, volume.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "camera_raycast_forward_jacobian_cuda", [&] {
-    const VolumeGeometry<scalar_t> geometry = make_geometry<scalar_t>(volume, affine);
-    const scalar_t step_mm = static_cast<scalar_t>(trilinear_step_mm(affine, step));
-    dispatch_camera_channels(channels, [&](auto max_channels) {
-      constexpr int kMaxC = decltype(max_channels)::value;
-      const dim3 grid = chunked_grid(cam, batch, channels, kMaxC);
-      const auto launch = [&](auto packed, auto trilinear) {
-        camera_forward_jacobian_kernel<scalar_t, kMaxC, decltype(packed)::value, decltype(trilinear)::value>
-            <<<grid, kThreads, 0, stream>>>(geometry, volume.const_data_ptr<scalar_t>(), channels,
-                                            sources.const_data_ptr<scalar_t>(), matrices.const_data_ptr<scalar_t>(),
-                                            cam, step_mm, out.mutable_data_ptr<scalar_t>(),
-                                            jacobian.mutable_data_ptr<scalar_t>());
-      };
-      const bool packed = has_packed_channels(volume, kMaxC);
-      if (mode == kTrilinear) {
-        packed ? launch(std::true_type{}, std::true_type{}) : launch(std::false_type{}, std::true_type{});
-      } else {
-        packed ? launch(std::true_type{}, std::false_type{}) : launch(std::false_type{}, std::false_type{});
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {out, jacobian};
+  return camera_forward_cuda<true>(volume, affine, sources, matrices, height, width, supersample, mode, step);
 }
 
 std::tuple<at::Tensor, at::Tensor> camera_raycast_pose_from_jacobian_cuda(const at::Tensor& grad_output_in,
