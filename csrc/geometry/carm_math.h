@@ -141,6 +141,18 @@ TDRR_HD void load_carm_grads(const CarmGrads<G>& g, int64_t b, T grad_source[3],
   }
 }
 
+// Writes pose b's source and ray matrix into contiguous [B, 3] and [B, 3, 3] outputs of dtype O (both ray-parameter
+// ops, CPU and CUDA).
+template <typename T, typename O>
+TDRR_HD void store_ray_parameters(const T source[3], const T matrix[3][3], int64_t b, O* sources, O* ray_matrices) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    sources[b * 3 + i] = static_cast<O>(source[i]);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) ray_matrices[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
+  }
+}
+
 // Forward of one pose: source [3] (world mm) and ray_matrix [3][3] (row-major, mm per pixel).
 template <typename T>
 TDRR_HD void carm_ray_parameters_pose(const T angles[3], const T isocenter[3], const T k_inv[3][3], T sod_mm,

@@ -20,12 +20,16 @@ namespace torchdrr {
 void check_carm_inputs(const at::Tensor& angles, const at::Tensor& isocenter, const at::Tensor& intrinsics,
                        double sod_mm, double sdd_mm, c10::DeviceType device);
 
+// Shared by both ray-parameter ops (carm_ray_parameters and pose_ray_parameters, whose outputs have one layout);
+// `op` prefixes the messages.
 // Checks out_dtype: float32 or float64.
-void check_carm_out_dtype(at::ScalarType out_dtype);
+void check_ray_parameters_out_dtype(const char* op, at::ScalarType out_dtype);
 
 // Checks the backward's incoming gradients: grad_sources [B, 3] and grad_ray_matrices [B, 3, 3], float32 or float64
-// of one dtype (any of the two: the outputs' out_dtype), on the angles' device.
-void check_carm_grads(const at::Tensor& grad_sources, const at::Tensor& grad_ray_matrices, const at::Tensor& angles);
+// of one dtype (any of the two: the outputs' out_dtype), on the device of `input` (the op's batched input [B, ...],
+// named `input_name` in the message, possessive: "the angles'").
+void check_ray_parameters_grads(const char* op, const at::Tensor& grad_sources, const at::Tensor& grad_ray_matrices,
+                                const at::Tensor& input, const char* input_name);
 
 // The kernels' strided view of the (checked) inputs; a shared isocenter or K gets batch stride 0.
 template <typename T>

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cpu(const at::Tensor& ang
                                                            const at::Tensor& intrinsics, double sod_mm, double sdd_mm,
                                                            at::ScalarType out_dtype) {
   check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CPU);
-  check_carm_out_dtype(out_dtype);
+  check_ray_parameters_out_dtype("carm_ray_parameters", out_dtype);
   const int64_t batch = angles.size(0);
   const at::TensorOptions options = angles.options().dtype(out_dtype);
   at::Tensor sources = at::empty({batch, 3}, options);
@@ -35,10 +35,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cpu(const at::Tensor& ang
           T pose_angles[3], pose_isocenter[3], k_inv[3][3], source[3], matrix[3][3];
           load_carm_pose(in, b, pose_angles, pose_isocenter, k_inv);
           carm_ray_parameters_pose(pose_angles, pose_isocenter, k_inv, in.sod_mm, in.sdd_mm, source, matrix);
-          for (int i = 0; i < 3; ++i) {
-            source_out[b * 3 + i] = static_cast<O>(source[i]);
-            for (int k = 0; k < 3; ++k) matrix_out[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
-          }
+          store_ray_parameters(source, matrix, b, source_out, matrix_out);
         }
       });
     });
@@ -53,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cpu(const at::Te
                                                                     const at::Tensor& intrinsics, double sod_mm,
                                                                     double sdd_mm) {
   check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CPU);
-  check_carm_grads(grad_sources, grad_ray_matrices, angles);
+  check_ray_parameters_grads("carm_ray_parameters", grad_sources, grad_ray_matrices, angles, "the angles'");
   const int64_t batch = angles.size(0);
   const bool shared_isocenter = isocenter.dim() == 1;
   at::Tensor grad_angles = at::empty({batch, 3}, angles.options());

@@ -33,12 +33,7 @@ __global__ void __launch_bounds__(kForwardThreads)
   T angles[3], isocenter[3], k_inv[3][3], source[3], matrix[3][3];
   load_carm_pose(in, b, angles, isocenter, k_inv);
   carm_ray_parameters_pose(angles, isocenter, k_inv, in.sod_mm, in.sdd_mm, source, matrix);
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    sources[b * 3 + i] = static_cast<O>(source[i]);
-#pragma unroll
-    for (int k = 0; k < 3; ++k) ray_matrices[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
-  }
+  store_ray_parameters(source, matrix, b, sources, ray_matrices);
 }
 
 // kShared: the isocenter is one [3] for the whole batch (launched as a single block), else [B, 3] (one thread a pose).
@@ -88,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cuda(const at::Tensor& an
                                                             const at::Tensor& intrinsics, double sod_mm, double sdd_mm,
                                                             at::ScalarType out_dtype) {
   check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CUDA);
-  check_carm_out_dtype(out_dtype);
+  check_ray_parameters_out_dtype("carm_ray_parameters", out_dtype);
   const c10::cuda::CUDAGuard device_guard(angles.device());
   const int64_t batch = angles.size(0);
   const at::TensorOptions options = angles.options().dtype(out_dtype);
@@ -116,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cuda(const at::T
                                                                      const at::Tensor& intrinsics, double sod_mm,
                                                                      double sdd_mm) {
   check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CUDA);
-  check_carm_grads(grad_sources, grad_ray_matrices, angles);
+  check_ray_parameters_grads("carm_ray_parameters", grad_sources, grad_ray_matrices, angles, "the angles'");
   const c10::cuda::CUDAGuard device_guard(angles.device());
   const int64_t batch = angles.size(0);
   const bool shared_isocenter = isocenter.dim() == 1;

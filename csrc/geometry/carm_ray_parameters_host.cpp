@@ -45,28 +45,26 @@ void check_carm_inputs(const at::Tensor& angles, const at::Tensor& isocenter, co
                     sdd_mm);
 }
 
-void check_carm_out_dtype(at::ScalarType out_dtype) {
-  TORCH_CHECK_TYPE(is_float_dtype(out_dtype), "carm_ray_parameters: out_dtype must be float32 or float64, got ",
-                   out_dtype);
+void check_ray_parameters_out_dtype(const char* op, at::ScalarType out_dtype) {
+  TORCH_CHECK_TYPE(is_float_dtype(out_dtype), op, ": out_dtype must be float32 or float64, got ", out_dtype);
 }
 
-void check_carm_grads(const at::Tensor& grad_sources, const at::Tensor& grad_ray_matrices, const at::Tensor& angles) {
-  const int64_t batch = angles.size(0);
-  TORCH_CHECK_VALUE(grad_sources.dim() == 2 && grad_sources.size(0) == batch && grad_sources.size(1) == 3,
-                    "carm_ray_parameters_backward: grad_sources must be [B, 3] = [", batch, ", 3], got shape ",
-                    grad_sources.sizes());
+void check_ray_parameters_grads(const char* op, const at::Tensor& grad_sources, const at::Tensor& grad_ray_matrices,
+                                const at::Tensor& input, const char* input_name) {
+  const int64_t batch = input.size(0);
+  TORCH_CHECK_VALUE(grad_sources.dim() == 2 && grad_sources.size(0) == batch && grad_sources.size(1) == 3, op,
+                    "_backward: grad_sources must be [B, 3] = [", batch, ", 3], got shape ", grad_sources.sizes());
   TORCH_CHECK_VALUE(grad_ray_matrices.dim() == 3 && grad_ray_matrices.size(0) == batch &&
                         grad_ray_matrices.size(1) == 3 && grad_ray_matrices.size(2) == 3,
-                    "carm_ray_parameters_backward: grad_ray_matrices must be [B, 3, 3] = [", batch, ", 3, 3], got shape ",
+                    op, "_backward: grad_ray_matrices must be [B, 3, 3] = [", batch, ", 3, 3], got shape ",
                     grad_ray_matrices.sizes());
   TORCH_CHECK_TYPE(is_float_dtype(grad_sources.scalar_type()) &&
                        grad_ray_matrices.scalar_type() == grad_sources.scalar_type(),
-                   "carm_ray_parameters_backward: grad_sources and grad_ray_matrices must both be float32 or both "
-                   "float64, got ",
+                   op, "_backward: grad_sources and grad_ray_matrices must both be float32 or both float64, got ",
                    grad_sources.scalar_type(), " and ", grad_ray_matrices.scalar_type());
-  TORCH_CHECK_VALUE(grad_sources.device() == angles.device() && grad_ray_matrices.device() == angles.device(),
-                    "carm_ray_parameters_backward: grad_sources and grad_ray_matrices must be on the angles' device ",
-                    angles.device(), ", got ", grad_sources.device(), " and ", grad_ray_matrices.device());
+  TORCH_CHECK_VALUE(grad_sources.device() == input.device() && grad_ray_matrices.device() == input.device(), op,
+                    "_backward: grad_sources and grad_ray_matrices must be on ", input_name, " device ",
+                    input.device(), ", got ", grad_sources.device(), " and ", grad_ray_matrices.device());
 }
 
 }  // namespace torchdrr

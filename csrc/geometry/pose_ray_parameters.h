@@ -1,6 +1,7 @@
 // Host-side pieces of torchdrr::pose_ray_parameters shared by the CPU and CUDA implementations: input checks and the
-// strided view of the inputs the kernels read. The per-pose math is in pose_math.h; the dtype dispatch and the
-// incoming-gradient view are carm_ray_parameters.h's (the two ops' outputs have one layout).
+// strided view of the inputs the kernels read. The per-pose math is in pose_math.h; the out_dtype and gradient checks,
+// the dtype dispatch and the incoming-gradient view are carm_ray_parameters.h's (the two ops' outputs have one
+// layout).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,13 +22,6 @@ namespace torchdrr {
 // make the host wait for the device); a zero on its diagonal gives inf.
 void check_pose_inputs(const at::Tensor& intrinsics, const at::Tensor& rotation, const at::Tensor& translation,
                        double sdd_mm, c10::DeviceType device);
-
-// Checks out_dtype: float32 or float64.
-void check_pose_out_dtype(at::ScalarType out_dtype);
-
-// Checks the backward's incoming gradients: grad_sources [B, 3] and grad_ray_matrices [B, 3, 3], float32 or float64
-// of one dtype (the outputs' out_dtype), on the rotation's device.
-void check_pose_grads(const at::Tensor& grad_sources, const at::Tensor& grad_ray_matrices, const at::Tensor& rotation);
 
 // The kernels' strided view of the (checked) inputs; a shared K gets batch stride 0.
 template <typename T>

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_cpu(const at::Tensor& int
                                                            const at::Tensor& translation, double sdd_mm,
                                                            at::ScalarType out_dtype) {
   check_pose_inputs(intrinsics, rotation, translation, sdd_mm, c10::DeviceType::CPU);
-  check_pose_out_dtype(out_dtype);
+  check_ray_parameters_out_dtype("pose_ray_parameters", out_dtype);
   const int64_t batch = rotation.size(0);
   const at::TensorOptions options = rotation.options().dtype(out_dtype);
   at::Tensor sources = at::empty({batch, 3}, options);
@@ -35,10 +35,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_cpu(const at::Tensor& int
           T pose_rotation[3][3], pose_translation[3], k_inv[3][3], source[3], matrix[3][3];
           load_pose(in, b, pose_rotation, pose_translation, k_inv);
           pose_ray_parameters_pose(pose_rotation, pose_translation, k_inv, in.sdd_mm, source, matrix);
-          for (int i = 0; i < 3; ++i) {
-            source_out[b * 3 + i] = static_cast<O>(source[i]);
-            for (int k = 0; k < 3; ++k) matrix_out[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
-          }
+          store_ray_parameters(source, matrix, b, source_out, matrix_out);
         }
       });
     });
@@ -52,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_backward_cpu(const at::Te
                                                                     const at::Tensor& rotation,
                                                                     const at::Tensor& translation, double sdd_mm) {
   check_pose_inputs(intrinsics, rotation, translation, sdd_mm, c10::DeviceType::CPU);
-  check_pose_grads(grad_sources, grad_ray_matrices, rotation);
+  check_ray_parameters_grads("pose_ray_parameters", grad_sources, grad_ray_matrices, rotation, "the rotation's");
   const int64_t batch = rotation.size(0);
   at::Tensor grad_rotation = at::empty({batch, 3, 3}, rotation.options());
   at::Tensor grad_translation = at::empty({batch, 3}, translation.options());

@@ -29,12 +29,7 @@ __global__ void __launch_bounds__(kThreads)
   T rotation[3][3], translation[3], k_inv[3][3], source[3], matrix[3][3];
   load_pose(in, b, rotation, translation, k_inv);
   pose_ray_parameters_pose(rotation, translation, k_inv, in.sdd_mm, source, matrix);
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    sources[b * 3 + i] = static_cast<O>(source[i]);
-#pragma unroll
-    for (int k = 0; k < 3; ++k) ray_matrices[b * 9 + i * 3 + k] = static_cast<O>(matrix[i][k]);
-  }
+  store_ray_parameters(source, matrix, b, sources, ray_matrices);
 }
 
 template <typename T, typename G>
@@ -63,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_cuda(const at::Tensor& in
                                                             const at::Tensor& translation, double sdd_mm,
                                                             at::ScalarType out_dtype) {
   check_pose_inputs(intrinsics, rotation, translation, sdd_mm, c10::DeviceType::CUDA);
-  check_pose_out_dtype(out_dtype);
+  check_ray_parameters_out_dtype("pose_ray_parameters", out_dtype);
   const c10::cuda::CUDAGuard device_guard(rotation.device());
   const int64_t batch = rotation.size(0);
   const at::TensorOptions options = rotation.options().dtype(out_dtype);
@@ -90,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_backward_cuda(const at::T
                                                                      const at::Tensor& rotation,
                                                                      const at::Tensor& translation, double sdd_mm) {
   check_pose_inputs(intrinsics, rotation, translation, sdd_mm, c10::DeviceType::CUDA);
-  check_pose_grads(grad_sources, grad_ray_matrices, rotation);
+  check_ray_parameters_grads("pose_ray_parameters", grad_sources, grad_ray_matrices, rotation, "the rotation's");
   const c10::cuda::CUDAGuard device_guard(rotation.device());
   const int64_t batch = rotation.size(0);
   at::Tensor grad_rotation = at::empty({batch, 3, 3}, rotation.options());

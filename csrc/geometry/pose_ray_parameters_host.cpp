@@ -43,30 +43,4 @@ void check_pose_inputs(const at::Tensor& intrinsics, const at::Tensor& rotation,
                     sdd_mm);
 }
 
-void check_pose_out_dtype(at::ScalarType out_dtype) {
-  TORCH_CHECK_TYPE(is_float_dtype(out_dtype), "pose_ray_parameters: out_dtype must be float32 or float64, got ",
-                   out_dtype);
-}
-
-void check_pose_grads(const at::Tensor& grad_sources, const at::Tensor& grad_ray_matrices,
-                      const at::Tensor& rotation) {
-  const int64_t batch = rotation.size(0);
-  TORCH_CHECK_VALUE(grad_sources.dim() == 2 && grad_sources.size(0) == batch && grad_sources.size(1) == 3,
-                    "pose_ray_parameters_backward: grad_sources must be [B, 3] = [", batch, ", 3], got shape ",
-                    grad_sources.sizes());
-  TORCH_CHECK_VALUE(grad_ray_matrices.dim() == 3 && grad_ray_matrices.size(0) == batch &&
-                        grad_ray_matrices.size(1) == 3 && grad_ray_matrices.size(2) == 3,
-                    "pose_ray_parameters_backward: grad_ray_matrices must be [B, 3, 3] = [", batch,
-                    ", 3, 3], got shape ", grad_ray_matrices.sizes());
-  TORCH_CHECK_TYPE(is_float_dtype(grad_sources.scalar_type()) &&
-                       grad_ray_matrices.scalar_type() == grad_sources.scalar_type(),
-                   "pose_ray_parameters_backward: grad_sources and grad_ray_matrices must both be float32 or both "
-                   "float64, got ",
-                   grad_sources.scalar_type(), " and ", grad_ray_matrices.scalar_type());
-  TORCH_CHECK_VALUE(grad_sources.device() == rotation.device() && grad_ray_matrices.device() == rotation.device(),
-                    "pose_ray_parameters_backward: grad_sources and grad_ray_matrices must be on the rotation's "
-                    "device ",
-                    rotation.device(), ", got ", grad_sources.device(), " and ", grad_ray_matrices.device());
-}
-
 }  // namespace torchdrr
