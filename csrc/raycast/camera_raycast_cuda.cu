@@ -91,6 +91,13 @@ CameraGrid make_camera_grid(int64_t height, int64_t width, int64_t supersample) 
   return cam;
 }
 
+// Image coordinate (pixels) of the centre of sub-pixel column or row `index` with s sub-pixels a pixel: one expression
+// for the forward's rays and the pose reduction's (u, v), whose gradients are only right if the two agree.
+template <typename T>
+__device__ __forceinline__ T subpixel_centre(int index, int s) {
+  return (T(index) + T(0.5)) / T(s) - T(0.5);
+}
+
 // This thread's ray: its index in the image (row, column, sub-row, sub-column order) and the image coordinates
 // (u, v) of its sub-pixel centre. False for threads past the image's edge.
 template <typename T>
@@ -105,8 +112,8 @@ __device__ __forceinline__ bool thread_ray(const CameraGrid& cam, int64_t& ray, 
   const int pixel_row = row / s, pixel_col = col / s;
   ray = ((static_cast<int64_t>(pixel_row) * cam.width + pixel_col) * s + (row - pixel_row * s)) * s +
         (col - pixel_col * s);
-  u = (T(col) + T(0.5)) / T(s) - T(0.5);
-  v = (T(row) + T(0.5)) / T(s) - T(0.5);
+  u = subpixel_centre<T>(col, s);
+  v = subpixel_centre<T>(row, s);
   return true;
 }
 
@@ -235,16 +242,16 @@ __global__ void __launch_bounds__(kThreads, jacobian_min_blocks(MaxC))
 // Rays per thread of the pose reduction from the Jacobian, kThreads apart so that a warp reads consecutive rays.
 constexpr int kPoseRaysPerThread = 4;
 
-// The image coordinates (u, v) of ray `ray` of an image (row, column, sub-row, sub-column order), computed as
-// thread_ray does, so that they are the ones the forward made the ray with.
+// The image coordinates (u, v) of ray `ray` of an image (row, column, sub-row, sub-column order): thread_ray's, so
+// that they are the ones the forward made the ray with.
 template <typename T>
 __device__ __forceinline__ void ray_image_coordinates(const CameraGrid& cam, int ray, T& u, T& v) {
   const int s = cam.supersample;
   const int sub_col = ray % s, rest = ray / s;
   const int sub_row = rest % s, pixel = rest / s;
   const int col = (pixel % cam.width) * s + sub_col, row = (pixel / cam.width) * s + sub_row;
-  u = (T(col) + T(0.5)) / T(s) - T(0.5);
-  v = (T(row) + T(0.5)) / T(s) - T(0.5);
+  u = subpixel_centre<T>(col, s);
+  v = subpixel_centre<T>(row, s);
 }
 
 // Pose gradients from the saved Jacobian, per block as camera_backward_kernel's: pose_partials[b, block] =
