@@ -46,4 +46,34 @@ void dispatch_weight_rows(int64_t rows, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, MaxM>) with MaxM = materials for 1 to 4 materials (an exact count: no run-time
+// guards in the per-bin loop) and the bound kMaxMaterials above that.
+template <typename F>
+void dispatch_materials(int64_t materials, F&& f) {
+  switch (materials) {
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      f(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    default:
+      f(std::integral_constant<int, kMaxMaterials>{});
+  }
+}
+
+// Calls f(max_rows, max_materials) with both compile-time bounds (dispatch_weight_rows, dispatch_materials).
+template <typename F>
+void dispatch_spectral_bounds(int64_t rows, int64_t materials, F&& f) {
+  dispatch_weight_rows(rows, [&](auto max_rows) {
+    dispatch_materials(materials, [&](auto max_materials) { f(max_rows, max_materials); });
+  });
+}
+
 }  // namespace torchdrr

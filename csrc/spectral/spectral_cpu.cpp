@@ -30,13 +30,14 @@ at::Tensor log_weighted_transmission_forward_cpu(const at::Tensor& mass_thicknes
     const scalar_t* w = weights.const_data_ptr<scalar_t>();
     scalar_t* result = out.mutable_data_ptr<scalar_t>();
     const int64_t* starts = group_starts.data();
-    dispatch_weight_rows(rows, [&](auto max_rows) {
+    dispatch_spectral_bounds(rows, materials, [&](auto max_rows, auto max_materials) {
       constexpr int kMaxQ = decltype(max_rows)::value;
+      constexpr int kMaxM = decltype(max_materials)::value;
       at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
         for (int64_t ray = begin; ray < end; ++ray) {
           scalar_t a[kMaxMaterials];
           load_ray(thickness, ray, materials, a);
-          spectral_ray_forward<scalar_t, kMaxQ>(a, materials, mu,
+          spectral_ray_forward<scalar_t, kMaxQ, kMaxM>(a, materials, mu,
                                                 weight_set_of(w, ray, rays_per_set, rows, bins), rows, bins, starts, groups,
                                                 result + ray * rows * groups);
         }
@@ -69,14 +70,15 @@ at::Tensor log_weighted_transmission_backward_cpu(const at::Tensor& grad_output_
     const scalar_t* gout = grad_output.const_data_ptr<scalar_t>();
     scalar_t* grad = grad_mass_thickness.mutable_data_ptr<scalar_t>();
     const int64_t* starts = group_starts.data();
-    dispatch_weight_rows(rows, [&](auto max_rows) {
+    dispatch_spectral_bounds(rows, materials, [&](auto max_rows, auto max_materials) {
       constexpr int kMaxQ = decltype(max_rows)::value;
+      constexpr int kMaxM = decltype(max_materials)::value;
       at::parallel_for(0, n_rays, kRayGrain, [&](int64_t begin, int64_t end) {
         for (int64_t ray = begin; ray < end; ++ray) {
           scalar_t a[kMaxMaterials];
           load_ray(thickness, ray, materials, a);
           const int64_t offset = ray * rows * groups;
-          spectral_ray_backward<scalar_t, kMaxQ>(a, materials, mu, weight_set_of(w, ray, rays_per_set, rows, bins),
+          spectral_ray_backward<scalar_t, kMaxQ, kMaxM>(a, materials, mu, weight_set_of(w, ray, rays_per_set, rows, bins),
                                                  rows, bins, starts, groups, out + offset, gout + offset,
                                                  grad + ray * materials);
         }

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/hd.h"
 
@@ -36,15 +37,36 @@ using std::log;
 constexpr int kMaxMaterials = 8;
 constexpr int kMaxWeightRows = 8;
 
-// L[e] = -sum_m mu[m, e] a[m] for one bin. a holds kMaxMaterials entries of which the first `materials` are used.
-template <typename T>
-TDRR_HD T log_transmission_at(const T* a, int materials, const T* __restrict__ mu, int64_t bins, int64_t e) {
+// Whether material m is used: MaxM is the exact count for up to kExactMaterials materials (dispatch_materials), so
+// the test is then decided at compile time; above it MaxM = kMaxMaterials is a bound and the test runs.
+constexpr int kExactMaterials = 4;
+template <int MaxM>
+TDRR_HD constexpr bool material_used(int m, int materials) {
+  return MaxM <= kExactMaterials ? m < MaxM : m < materials;
+}
+
+// L[e] = -sum_m mu[m, e] a[m] for one bin, given mu_bin = mu + e (rows `bins` apart). a holds kMaxMaterials
+// entries of which the first `materials` are used. Why MaxM is a template parameter: unrolled to kMaxMaterials with
+// run-time guards, the loop issued 8 guarded loads and multiply-adds a bin for 3 materials.
+template <typename T, int MaxM>
+TDRR_HD T log_transmission_at(const T* a, int materials, const T* __restrict__ mu_bin, int64_t bins) {
   T l = T(0);
 #pragma unroll
-  for (int m = 0; m < kMaxMaterials; ++m) {
-    if (m < materials) l -= mu[m * bins + e] * a[m];
+  for (int m = 0; m < MaxM; ++m) {
+    if (material_used<MaxM>(m, materials)) l -= mu_bin[m * bins] * a[m];
   }
   return l;
+}
+
+// exp(x) of the forward's shifted terms, x <= 0 (or NaN). In float32 on the GPU it is the hardware exp2 (__expf),
+// 2 instructions instead of about 10: its error grows with |x| (about 2 + 1.2 |x| ulp), but the term it scales
+// falls as exp(x) and |x| exp(x) <= 1/e, so every term's error stays within a few ulp of the sum's largest term.
+template <typename T>
+TDRR_HD T exp_nonpositive(T x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return __expf(x);
+#endif
+  return exp(x);
 }
 
 // Copies one ray's mass thicknesses into a fixed-size array (what the per-ray code reads); unused entries are 0.
@@ -61,8 +83,9 @@ TDRR_HD const T* weight_set_of(const T* weights, int64_t ray, int64_t rays_per_s
   return weights + (ray / rays_per_set) * rows * bins;
 }
 
-// Forward of one ray: out[q * groups + g] for q < rows, g < groups. MaxQ >= rows is the register bound.
-template <typename T, int MaxQ>
+// Forward of one ray: out[q * groups + g] for q < rows, g < groups. MaxQ >= rows and MaxM >= materials are the
+// register and unroll bounds.
+template <typename T, int MaxQ, int MaxM>
 TDRR_HD void spectral_ray_forward(const T* a, int materials, const T* __restrict__ mu, const T* __restrict__ w,
                                   int rows, int64_t bins, const int64_t* __restrict__ starts, int64_t groups,
                                   T* __restrict__ out) {
@@ -79,19 +102,22 @@ TDRR_HD void spectral_ray_forward(const T* a, int materials, const T* __restrict
       shift[q] = -INFINITY;
       sum[q] = T(0);
     }
-    for (int64_t e = begin; e < end; ++e) {
-      const T l = log_transmission_at(a, materials, mu, bins, e);
+    // Pointers to bin e, advanced each bin, so that a table read is one load at a loop-invariant offset.
+    const T* mu_bin = mu + begin;
+    const T* w_bin = w + begin;
+    for (int64_t e = begin; e < end; ++e, ++mu_bin, ++w_bin) {
+      const T l = log_transmission_at<T, MaxM>(a, materials, mu_bin, bins);
       saw_nan = saw_nan || (l != l);
 #pragma unroll
       for (int q = 0; q < MaxQ; ++q) {
-        const T weight = q < rows ? w[q * bins + e] : T(0);
+        const T weight = (q == 0 || q < rows) ? w_bin[q * bins] : T(0);  // rows >= 1
         if (!(weight > T(0))) continue;
         if (l > shift[q]) {
           // exp(-inf - l) = 0 for the first weighted bin, so the sum starts at its weight.
-          sum[q] = sum[q] * exp(shift[q] - l) + weight;
+          sum[q] = sum[q] * exp_nonpositive(shift[q] - l) + weight;
           shift[q] = l;
         } else if (shift[q] > T(-INFINITY)) {  // a row whose shift is still -inf has no finite weighted term yet
-          sum[q] += weight * exp(l - shift[q]);
+          sum[q] += weight * exp_nonpositive(l - shift[q]);
         }
       }
     }
@@ -113,8 +139,8 @@ TDRR_HD void spectral_ray_forward(const T* a, int materials, const T* __restrict
 
 // Backward of one ray: grad_a[m] = sum_{q, g} grad_out[q, g] d out[q, g] / d a[m] for m < materials, given the
 // forward's output. Terms with out = -inf (no transmitted weight) contribute 0, as do bins with zero weight: their
-// exp(L - out) may overflow, and 0 * inf would be NaN.
-template <typename T, int MaxQ>
+// exp(L - out) may overflow, and 0 * inf would be NaN. MaxQ and MaxM as in spectral_ray_forward.
+template <typename T, int MaxQ, int MaxM>
 TDRR_HD void spectral_ray_backward(const T* a, int materials, const T* __restrict__ mu, const T* __restrict__ w,
                                    int rows, int64_t bins, const int64_t* __restrict__ starts, int64_t groups,
                                    const T* __restrict__ out, const T* __restrict__ grad_out, T* __restrict__ grad_a) {
@@ -134,7 +160,7 @@ TDRR_HD void spectral_ray_backward(const T* a, int materials, const T* __restric
     }
     if (!any) continue;
     for (int64_t e = starts[g]; e < starts[g + 1]; ++e) {
-      const T l = log_transmission_at(a, materials, mu, bins, e);
+      const T l = log_transmission_at<T, MaxM>(a, materials, mu + e, bins);
       T coefficient = T(0);  // sum_q go[q] w[q, e] exp(L[e] - out[q, g])
 #pragma unroll
       for (int q = 0; q < MaxQ; ++q) {
@@ -142,8 +168,8 @@ TDRR_HD void spectral_ray_backward(const T* a, int materials, const T* __restric
         if (active[q] && weight > T(0)) coefficient += go[q] * weight * exp(l - o[q]);
       }
 #pragma unroll
-      for (int m = 0; m < kMaxMaterials; ++m) {
-        if (m < materials) acc[m] -= coefficient * mu[m * bins + e];
+      for (int m = 0; m < MaxM; ++m) {
+        if (material_used<MaxM>(m, materials)) acc[m] -= coefficient * mu[m * bins + e];
       }
     }
   }
