@@ -435,11 +435,11 @@ def test_cuda_jacobian_matches_cpu(channels, monkeypatch) -> None:
     # The CPU's float32 reference walks the GPU's way (test_gpu_walk.py): the crossing sums of the Jacobian cancel
     # heavily, and their float32 error depends on the order of the additions, which differs between the two walks
     # (the CPU's own walk was 2.2x more accurate on the 4-channel case, H100).
-    monkeypatch.setenv("TORCHDRR_CPU_SIDDON_WALK", "steps")
+    monkeypatch.setenv("TORCHDRR_CPU_WALK", "gpu")
     cpu_image32, cpu_jacobian32 = torch.ops.torchdrr.camera_raycast_forward_jacobian(
         volume, affine, sources64.float(), matrices64.float(), 77, 93, 1, 0, 0.0
     )
-    monkeypatch.delenv("TORCHDRR_CPU_SIDDON_WALK")
+    monkeypatch.delenv("TORCHDRR_CPU_WALK")
     image_scale = float(cpu_image.abs().max())
     gpu_error, cpu_error = (image32.cpu().double() - cpu_image).abs(), (cpu_image32.double() - cpu_image).abs()
     # The mean, as for the Jacobian: the largest single-ray error is where rounding of the float32 endpoints (a fused

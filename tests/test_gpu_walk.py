@@ -1,8 +1,10 @@
-"""The GPU's Siddon walk (``siddon_steps`` in csrc/raycast/ray_math.h), run on the CPU.
+"""The GPU's ways of walking rays (csrc/raycast/ray_math.h), run on the CPU.
 
-The CUDA kernels walk rays one voxel at a time, specialised on each ray's main axis; the CPU kernels walk runs of
-voxels. ``TORCHDRR_CPU_SIDDON_WALK=steps`` makes the CPU use the GPU's walk, so that machines without a GPU (CI)
-check it, with every visitor (forward, backward to the volume and to the rays), against the CPU's own walk.
+Siddon: the CUDA kernels walk rays one voxel at a time (``siddon_steps``); the CPU kernels walk runs of voxels.
+Trilinear: the CUDA kernels sample the part of a ray whose stencils lie inside the grid without clamps
+(``trilinear_samples_steps``); the CPU kernels clamp every sample. ``TORCHDRR_CPU_WALK=gpu`` makes the CPU use the
+GPU's ways, so that machines without a GPU (CI) check them, with every visitor (forward, backward to the volume and
+to the rays), against the CPU's own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torchdrr.ops import camera_raycast
 
 from .geometry_cases import AFFINES
 
-WALK_VARIABLE = "TORCHDRR_CPU_SIDDON_WALK"
+WALK_VARIABLE = "TORCHDRR_CPU_WALK"
 
 
 def cameras(primary: list[float], secondary: list[float], sod_mm: float, sdd_mm: float, size: int) -> Camera:
@@ -40,7 +42,9 @@ def volume_and_affine(affine_name: str, channels: int, seed: int) -> tuple[torch
     return volume, affine
 
 
-def render_with_grads(monkeypatch, walk: str | None, volume, affine, sources, matrices, size, grad_weights):
+def render_with_grads(
+    monkeypatch, walk: str | None, volume, affine, sources, matrices, size, grad_weights, mode="siddon", step=None
+):
     """Image, volume gradient and pose gradients of sum(image * grad_weights) with the given CPU walk."""
     if walk is None:
         monkeypatch.delenv(WALK_VARIABLE, raising=False)
@@ -49,7 +53,7 @@ def render_with_grads(monkeypatch, walk: str | None, volume, affine, sources, ma
     volume = volume.clone().requires_grad_(True)
     sources = sources.clone().requires_grad_(True)
     matrices = matrices.clone().requires_grad_(True)
-    image = camera_raycast(volume, affine, sources, matrices, size, size + 1)
+    image = camera_raycast(volume, affine, sources, matrices, size, size + 1, mode=mode, step=step)
     grads = torch.autograd.grad((image * grad_weights).sum(), (volume, sources, matrices))
     return (image.detach(), *grads)
 
@@ -72,12 +76,39 @@ def test_gpu_walk_matches_cpu_walk(monkeypatch, pose, affine_name) -> None:
     sources, matrices = camera.ray_parameters()
     weights = torch.rand(2, 9 * 10, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     runs = render_with_grads(monkeypatch, None, volume, affine, sources, matrices, 9, weights)
-    steps = render_with_grads(monkeypatch, "steps", volume, affine, sources, matrices, 9, weights)
+    steps = render_with_grads(monkeypatch, "gpu", volume, affine, sources, matrices, 9, weights)
     assert int((runs[0] > 0).sum()) > runs[0].numel() // 3  # most rays cross the volume: the test can fail
     names = ("image", "volume grad", "source grad", "ray-matrix grad")
     for name, expected, got in zip(names, runs, steps, strict=True):
         assert float(expected.abs().max()) > 0, name
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("pose", sorted(POSES))
+@pytest.mark.parametrize("affine_name", sorted(AFFINES))
+@pytest.mark.parametrize("step", [None, 1.3], ids=["default step", "1.3 mm"])
+@pytest.mark.parametrize("layout", ["channels first", "channels last"])
+def test_gpu_trilinear_sampling_matches_cpu(monkeypatch, pose, affine_name, step, layout) -> None:
+    """The GPU's trilinear sampling (no clamps where the stencil is inside the grid, clamps near the faces) gives
+    the CPU's clamped result. Same sample positions and order: equal to float64 rounding. A sample wrongly taken as
+    interior would read an unclamped neighbour (another row of the volume) and differ by a whole voxel value.
+    Channels last: the neighbour along k is not the next element (the interior loop's general-stride variant)."""
+    volume, affine = volume_and_affine(affine_name, channels=2, seed=len(pose) + 3 * len(affine_name))
+    if layout == "channels last":
+        volume = volume.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        assert volume.stride(-1) == 2
+    primary, secondary, sod_mm, sdd_mm = POSES[pose]
+    camera = cameras(primary, secondary, sod_mm, sdd_mm, size=9)
+    sources, matrices = camera.ray_parameters()
+    weights = torch.rand(2, 9 * 10, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    args = (volume, affine, sources, matrices, 9, weights, "trilinear", step)
+    clamped = render_with_grads(monkeypatch, None, *args)
+    gpu_way = render_with_grads(monkeypatch, "gpu", *args)
+    assert int((clamped[0] > 0).sum()) > clamped[0].numel() // 3
+    names = ("image", "volume grad", "source grad", "ray-matrix grad")
+    for name, expected, got in zip(names, clamped, gpu_way, strict=True):
+        assert float(expected.abs().max()) > 0, name
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()), msg=name)
 
 
 def test_switch_reaches_the_kernel(monkeypatch) -> None:
@@ -89,7 +120,7 @@ def test_switch_reaches_the_kernel(monkeypatch) -> None:
     volume = volume.float()
     monkeypatch.delenv(WALK_VARIABLE, raising=False)
     runs = camera_raycast(volume, affine, sources, matrices, 16, 17)
-    monkeypatch.setenv(WALK_VARIABLE, "steps")
+    monkeypatch.setenv(WALK_VARIABLE, "gpu")
     steps = camera_raycast(volume, affine, sources, matrices, 16, 17)
     assert not torch.equal(runs, steps)
     torch.testing.assert_close(steps, runs, rtol=2e-5, atol=1e-4)
@@ -99,7 +130,7 @@ def test_per_ray_op_uses_the_switch_too(monkeypatch) -> None:
     volume, affine = volume_and_affine("permuted_flipped", channels=3, seed=5)
     sources, targets = cameras(*POSES["lateral"], size=6).rays()
     results = []
-    for walk in (None, "steps"):
+    for walk in (None, "gpu"):
         if walk is None:
             monkeypatch.delenv(WALK_VARIABLE, raising=False)
         else:

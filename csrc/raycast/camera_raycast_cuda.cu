@@ -137,9 +137,15 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
+// Blocks per SM of the forward: the one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full
+// occupancy) without spills; the trilinear walk of 4 or 8 channels needs more than 64 (3 blocks: 80), having its
+// clamped and its interior sample loops (trilinear_samples_steps); the others take kForwardMinBlocks.
+constexpr int forward_min_blocks(int max_channels, bool trilinear) {
+  return !trilinear && max_channels == 1 ? 8 : (trilinear && max_channels >= 4 ? 3 : kForwardMinBlocks);
+}
+
 template <typename T, int MaxC, bool Packed, bool Trilinear>
-// The one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full occupancy) without spills.
-__global__ void __launch_bounds__(kThreads, (Trilinear || MaxC > 1) ? kForwardMinBlocks : 8)
+__global__ void __launch_bounds__(kThreads, forward_min_blocks(MaxC, Trilinear))
     camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
                           T step_mm, T* __restrict__ out) {

@@ -58,12 +58,12 @@ std::vector<int64_t> locality_order(const VolumeGeometry<T>& geometry, const T* 
   return order;
 }
 
-// TORCHDRR_CPU_SIDDON_WALK=steps makes the CPU walk Siddon rays with the GPU's walk (siddon_steps) instead of its
-// own (siddon_runs). Why: the tests then check the GPU walk and its visitors against the CPU's on machines without a
+// TORCHDRR_CPU_WALK=gpu makes the CPU walk rays the GPU's way (the Steps template flag: siddon_steps instead of
+// siddon_runs, trilinear_samples_steps instead of the plain sample loop). Why: the tests then check the GPU walk and its visitors against the CPU's on machines without a
 // GPU. Read on every call, so that a test can switch it; the steps walk takes 32-bit offsets, as on the GPU.
 bool cpu_uses_gpu_walk(const at::Tensor& volume) {
-  const char* walk = std::getenv("TORCHDRR_CPU_SIDDON_WALK");
-  if (walk == nullptr || std::strcmp(walk, "steps") != 0) return false;
+  const char* walk = std::getenv("TORCHDRR_CPU_WALK");
+  if (walk == nullptr || std::strcmp(walk, "gpu") != 0) return false;
   check_int32_span(volume);
   return true;
 }
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> raycast_forward_jacobian_cpu(const at::Tensor
             const int64_t ray = order[position];
             for (int64_t c0 = 0; c0 < channels; c0 += kMaxC) {
               const int chunk = static_cast<int>(std::min<int64_t>(kMaxC, channels - c0));
-              // Siddon walks siddon_runs here unless TORCHDRR_CPU_SIDDON_WALK=steps (the GPU's walk): both drive
+              // Siddon walks siddon_runs here unless TORCHDRR_CPU_WALK=gpu (the GPU's walk): both drive
               // the same visitor.
               ray_forward_jacobian<scalar_t, kMaxC, /*Packed=*/false, decltype(trilinear)::value,
                                    decltype(steps)::value>(
