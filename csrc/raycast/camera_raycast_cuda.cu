@@ -140,8 +140,12 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 // Blocks per SM of the forward: the one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full
 // occupancy) without spills; the trilinear walk of 4 or 8 channels needs more than 64 (3 blocks: 80), having its
 // clamped and its interior sample loops (trilinear_samples_steps); the others take kForwardMinBlocks.
+#ifndef TORCHDRR_TRILINEAR_MIN_BLOCKS
+#define TORCHDRR_TRILINEAR_MIN_BLOCKS 4
+#endif
 constexpr int forward_min_blocks(int max_channels, bool trilinear) {
-  return !trilinear && max_channels == 1 ? 8 : (trilinear && max_channels >= 4 ? 3 : kForwardMinBlocks);
+  if (!trilinear) return max_channels == 1 ? 8 : kForwardMinBlocks;
+  return max_channels == 1 ? TORCHDRR_TRILINEAR_MIN_BLOCKS : (max_channels >= 4 ? 3 : kForwardMinBlocks);
 }
 
 template <typename T, int MaxC, bool Packed, bool Trilinear>

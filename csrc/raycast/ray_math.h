@@ -348,26 +348,27 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     first[a] = step == 0 ? T(INFINITY) : plane_alpha(T(idx) + T(0.5) * T(step), r.s[a], r.inv_d[a]);
     delta[a] = r.inv_d[a] < T(0) ? -r.inv_d[a] : r.inv_d[a];
     crossed[a] = T(0);
-    next[a] = first[a];
+    // Not before the entry: rounding can put the first plane a hair before alpha_min. With that, every crossing is
+    // at or after the one before it (each is the least of the next planes, and a plane's parameter only grows), so
+    // a segment inside the loop needs no clamp to its start or to the exit.
+    next[a] = fmax(first[a], r.alpha_min);
   }
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
+  bool first_before_second, third, in_range;
+  T crossing;
   for (;;) {
-    const bool first_before_second = next[0] <= next[1];
+    first_before_second = next[0] <= next[1];
     const T nearest01 = first_before_second ? next[0] : next[1];
-    const bool third = next[2] < nearest01;
-    const T crossing = third ? next[2] : nearest01;
-    const bool exits = !(crossing < r.alpha_max);
-    // The segment's end, never before its start (rounding can order crossings a hair apart): two min/max
-    // instructions instead of two compare-and-select pairs.
-    const T end = fmax(fmin(crossing, r.alpha_max), alpha);
+    third = next[2] < nearest01;
+    crossing = third ? next[2] : nearest01;
     // One unsigned compare covers both ends (a negative offset wraps to a huge one).
-    const bool in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
+    in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
+    if (!(crossing < r.alpha_max) || !in_range) break;
     // Passed zero-extended: inside the range the offset is non-negative, and the GPU then forms the load address in
     // one instruction instead of a sign extension and two.
-    visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha, end, entry_axis);
-    if (exits || !in_range) break;
-    alpha = end;
+    visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), true, alpha, crossing, entry_axis);
+    alpha = crossing;
     // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
     // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three
     // fused multiply-adds then need no selection (an axis not crossed gets its own value back). The counts move
@@ -384,6 +385,11 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
     entry_axis = third ? 2 : (cross0 ? 0 : 1);
   }
+  // The last segment, to the exit (or, after a step past the grid, which only rounding at the exit face causes, a
+  // zero-length one the visitor does not read). Its clamps were two min/max instructions per voxel when every
+  // segment took them.
+  visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha,
+                fmax(fmin(crossing, r.alpha_max), alpha), entry_axis);
   visit.finish();
 }
 
@@ -526,20 +532,22 @@ struct SiddonForwardVisitor {
 };
 
 // Adds the edge-clamped trilinear interpolant of the first `channels` channels at the index-space point x to acc,
-// as 4 + 2 + 1 linear interpolations (k, then j, then i) of the 8 surrounding voxels.
-template <typename T, int MaxC, bool Packed>
+// as 4 + 2 + 1 linear interpolations (k, then j, then i) of the 8 surrounding voxels. Index: the integer type of the
+// offsets (int where the caller has checked that the volume spans fewer than 2^31 elements, as the GPU kernels do:
+// 64-bit offsets cost registers and instructions there).
+template <typename T, int MaxC, bool Packed, typename Index = int64_t>
 TDRR_HD void add_trilinear_sample(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels, const T* x,
                                   T* acc) {
-  int64_t lo[3], hi[3];
+  Index lo[3], hi[3];
   T f[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const T fl = floor(x[a]);
-    const int64_t i0 = static_cast<int64_t>(fl);
+    const Index i0 = static_cast<Index>(fl);
     f[a] = x[a] - fl;
-    const int64_t last = g.size[a] - 1;
-    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * g.voxel_stride[a];
-    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * g.voxel_stride[a];
+    const Index last = static_cast<Index>(g.size[a] - 1), stride = static_cast<Index>(g.voxel_stride[a]);
+    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * stride;
+    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * stride;
   }
   T along_i[2][MaxC];
 #pragma unroll
@@ -547,7 +555,7 @@ TDRR_HD void add_trilinear_sample(const VolumeGeometry<T>& g, const T* __restric
     T along_j[2][MaxC];
 #pragma unroll
     for (int bj = 0; bj < 2; ++bj) {
-      const int64_t base = (bi ? hi[0] : lo[0]) + (bj ? hi[1] : lo[1]);
+      const Index base = (bi ? hi[0] : lo[0]) + (bj ? hi[1] : lo[1]);
       T v0[MaxC], v1[MaxC];
       load_voxel<T, MaxC, Packed>(volume, base + lo[2], g.channel_stride, channels, v0);
       load_voxel<T, MaxC, Packed>(volume, base + hi[2], g.channel_stride, channels, v1);
@@ -632,14 +640,14 @@ TDRR_HD void interior_trilinear_samples(const VolumeGeometry<T>& g, const Clippe
   k_end = k_end < k_begin ? k_begin : (k_end > n ? n : k_end);
 }
 
-// Adds the trilinear interpolant at x to acc, as add_trilinear_sample, for a point whose 8 stencil voxels are all
-// in the grid (interior_trilinear_samples): no clamps, 32-bit offsets (the CUDA ops check that a volume spans fewer
-// than 2^31 elements), and each corner's address one multiply-add from another's. bias = -floor_code_offset<T>()
+// The trilinear interpolant at x, as add_trilinear_sample's, for a point whose 8 stencil voxels are all in the grid
+// (interior_trilinear_samples): no clamps, 32-bit offsets (the CUDA ops check that a volume spans fewer than 2^31
+// elements), and each corner's address one multiply-add from another's. bias = -floor_code_offset<T>()
 // (stride[0] + stride[1] + stride[2]). UnitK: the neighbour along k is the next voxel in memory (stride[2] is 1, or
 // MaxC when Packed), a constant offset the load instruction carries.
 template <typename T, int MaxC, bool Packed, bool UnitK>
-TDRR_HD void add_interior_trilinear_sample(const T* __restrict__ volume, const uint32_t* stride, uint32_t bias,
-                                           int64_t channel_stride, int channels, const T* x, T* acc) {
+TDRR_HD void interior_trilinear_value(const T* __restrict__ volume, const uint32_t* stride, uint32_t bias,
+                                      int64_t channel_stride, int channels, const T* x, T* value) {
   T f[3];
   uint32_t base = bias;
 #pragma unroll
@@ -669,10 +677,10 @@ TDRR_HD void add_interior_trilinear_sample(const T* __restrict__ volume, const u
     for (int c = 0; c < MaxC; ++c) along_i[bi][c] = along_j[0][c] + f[1] * (along_j[1][c] - along_j[0][c]);
   }
 #pragma unroll
-  for (int c = 0; c < MaxC; ++c) acc[c] += along_i[0][c] + f[0] * (along_i[1][c] - along_i[0][c]);
+  for (int c = 0; c < MaxC; ++c) value[c] = along_i[0][c] + f[0] * (along_i[1][c] - along_i[0][c]);
 }
 
-// The interior samples [k_begin, k_end) of trilinear_samples_steps.
+// The interior samples [k_begin, k_end) of trilinear_samples_steps, added to acc in order.
 template <typename T, int MaxC, bool Packed, bool UnitK>
 TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
                                             const ClippedRay<T>& r, int64_t k_begin, int64_t k_end, T h, T* acc) {
@@ -682,14 +690,31 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
     stride[a] = static_cast<uint32_t>(g.voxel_stride[a]);
     bias -= floor_code_offset<T>() * stride[a];
   }
-  // k + 1/2 kept as a T (exact: n < 2^22), so that the loop needs no integer-to-float conversion.
-  const T half_end = T(k_end) + T(0.5);
-  for (T half_k = T(k_begin) + T(0.5); half_k < half_end; half_k += T(1)) {
+  const auto sample = [&](T half_k, T* value) {
     const T beta = r.alpha_min + half_k * h;
     T x[3];
 #pragma unroll
     for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
-    add_interior_trilinear_sample<T, MaxC, Packed, UnitK>(volume, stride, bias, g.channel_stride, channels, x, acc);
+    interior_trilinear_value<T, MaxC, Packed, UnitK>(volume, stride, bias, g.channel_stride, channels, x, value);
+  };
+  // Two samples an iteration, so that the 16 loads of both are in flight together: the loop waited on its loads
+  // (long-scoreboard stalls, two thirds of its cycles, at 48 % occupancy; ncu, H100). k + 1/2 is kept as a T
+  // (exact: n < 2^22), so that the loop needs no integer-to-float conversion.
+  const int count = static_cast<int>(k_end - k_begin);
+  T half_k = T(k_begin) + T(0.5);
+  for (int pair = 0; pair < count / 2; ++pair) {
+    T first[MaxC], second[MaxC];
+    sample(half_k, first);
+    sample(half_k + T(1), second);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) acc[c] = (acc[c] + first[c]) + second[c];
+    half_k += T(2);
+  }
+  if (count & 1) {
+    T last[MaxC];
+    sample(half_k, last);
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) acc[c] += last[c];
   }
 }
 
@@ -712,7 +737,7 @@ TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __rest
       T x[3];
 #pragma unroll
       for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
-      add_trilinear_sample<T, MaxC, Packed>(g, volume, channels, x, acc);
+      add_trilinear_sample<T, MaxC, Packed, int>(g, volume, channels, x, acc);
     }
     if (pass == 1) break;
     if (g.voxel_stride[2] == (Packed ? MaxC : 1)) {  // the same for every ray: no divergence
