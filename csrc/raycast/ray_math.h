@@ -350,25 +350,28 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     crossed[a] = T(0);
     // Not before the entry: rounding can put the first plane a hair before alpha_min. With that, every crossing is
     // at or after the one before it (each is the least of the next planes, and a plane's parameter only grows), so
-    // a segment inside the loop needs no clamp to its start or to the exit.
+    // a segment needs no clamp to its start.
     next[a] = fmax(first[a], r.alpha_min);
   }
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
-  bool first_before_second, third, in_range;
-  T crossing;
   for (;;) {
-    first_before_second = next[0] <= next[1];
+    const bool first_before_second = next[0] <= next[1];
     const T nearest01 = first_before_second ? next[0] : next[1];
-    third = next[2] < nearest01;
-    crossing = third ? next[2] : nearest01;
+    const bool third = next[2] < nearest01;
+    const T crossing = third ? next[2] : nearest01;
+    const bool exits = !(crossing < r.alpha_max);
+    // The segment's end: crossings never go back (above), so one min instruction; a clamp to the start as well
+    // took a second per voxel. (Ending the loop before the visit, with the exit's segment after it, was slower:
+    // the rotated loop carried the 64-bit offset and formed each load address in two instructions, H100 PTX.)
+    const T end = fmin(crossing, r.alpha_max);
     // One unsigned compare covers both ends (a negative offset wraps to a huge one).
-    in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
-    if (!(crossing < r.alpha_max) || !in_range) break;
+    const bool in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
     // Passed zero-extended: inside the range the offset is non-negative, and the GPU then forms the load address in
     // one instruction instead of a sign extension and two.
-    visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), true, alpha, crossing, entry_axis);
-    alpha = crossing;
+    visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha, end, entry_axis);
+    if (exits || !in_range) break;
+    alpha = end;
     // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
     // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three
     // fused multiply-adds then need no selection (an axis not crossed gets its own value back). The counts move
@@ -385,11 +388,6 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
     entry_axis = third ? 2 : (cross0 ? 0 : 1);
   }
-  // The last segment, to the exit (or, after a step past the grid, which only rounding at the exit face causes, a
-  // zero-length one the visitor does not read). Its clamps were two min/max instructions per voxel when every
-  // segment took them.
-  visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha,
-                fmax(fmin(crossing, r.alpha_max), alpha), entry_axis);
   visit.finish();
 }
 
@@ -690,11 +688,18 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
     stride[a] = static_cast<uint32_t>(g.voxel_stride[a]);
     bias -= floor_code_offset<T>() * stride[a];
   }
+  // x = x_0 + (k + 1/2) h d, one multiply-add an axis (the clamped samples' s + beta d rounds differently, by an
+  // ulp or so of the coordinates; interior_trilinear_samples' margin covers it).
+  T x0[3], per_sample[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    x0[a] = r.s[a] + r.alpha_min * r.d[a];
+    per_sample[a] = h * r.d[a];
+  }
   const auto sample = [&](T half_k, T* value) {
-    const T beta = r.alpha_min + half_k * h;
     T x[3];
 #pragma unroll
-    for (int a = 0; a < 3; ++a) x[a] = r.s[a] + beta * r.d[a];
+    for (int a = 0; a < 3; ++a) x[a] = x0[a] + half_k * per_sample[a];
     interior_trilinear_value<T, MaxC, Packed, UnitK>(volume, stride, bias, g.channel_stride, channels, x, value);
   };
   // Two samples an iteration, so that the 16 loads of both are in flight together: the loop waited on its loads
@@ -719,8 +724,8 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
 }
 
 // The n trilinear samples of a hit ray added to acc, the GPU's way: the samples whose stencil is inside the grid
-// (most of them) without clamps (add_interior_trilinear_sample), the few near the faces with them. Same sample
-// positions and order of summation as the plain loop in ray_forward. Why: clamped 64-bit offsets made a sample
+// (most of them) without clamps (interior_trilinear_value), the few near the faces with them. The same sample
+// positions (to rounding) and order of summation as the plain loop in ray_forward. Why: clamped 64-bit offsets made a sample
 // about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT).
 template <typename T, int MaxC, bool Packed>
 TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
