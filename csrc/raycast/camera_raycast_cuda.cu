@@ -142,11 +142,14 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 // H100): 5 blocks (48 registers, a few bytes of spills outside the sample loop) took 1.76 ms at 1240 x 960 against
 // 1.84 ms with 4 (64 registers). The trilinear walk of 4 or 8 channels needs more than 64 registers (3 blocks: 80),
 // having its clamped and its interior sample loops (trilinear_samples_steps). The others take kForwardMinBlocks.
+#ifndef TORCHDRR_SIDDON_MIN_BLOCKS
+#define TORCHDRR_SIDDON_MIN_BLOCKS 6
+#endif
 #ifndef TORCHDRR_TRILINEAR_MIN_BLOCKS
 #define TORCHDRR_TRILINEAR_MIN_BLOCKS 5
 #endif
 constexpr int forward_min_blocks(int max_channels, bool trilinear) {
-  if (!trilinear) return max_channels == 1 ? 8 : kForwardMinBlocks;
+  if (!trilinear) return max_channels == 1 ? TORCHDRR_SIDDON_MIN_BLOCKS : kForwardMinBlocks;
   return max_channels == 1 ? TORCHDRR_TRILINEAR_MIN_BLOCKS : (max_channels >= 4 ? 3 : kForwardMinBlocks);
 }
 

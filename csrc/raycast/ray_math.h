@@ -35,6 +35,11 @@ using std::isfinite;
 using std::sqrt;
 #endif
 
+// Unroll factor of the GPU's Siddon walk loop (siddon_steps); overridable at build time for tuning.
+#ifndef TORCHDRR_SIDDON_UNROLL
+#define TORCHDRR_SIDDON_UNROLL 2
+#endif
+
 // Largest number of channels one walk accumulates in registers; more channels are processed in chunks.
 constexpr int kMaxChannelsPerWalk = 8;
 
@@ -355,7 +360,8 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   }
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
-  for (;;) {
+  // One voxel; false once the walk has left the volume.
+  const auto step = [&]() -> bool {
     const bool first_before_second = next[0] <= next[1];
     const T nearest01 = first_before_second ? next[0] : next[1];
     const bool third = next[2] < nearest01;
@@ -370,7 +376,7 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     // Passed zero-extended: inside the range the offset is non-negative, and the GPU then forms the load address in
     // one instruction instead of a sign extension and two.
     visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha, end, entry_axis);
-    if (exits || !in_range) break;
+    if (exits || !in_range) return false;
     alpha = end;
     // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
     // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three
@@ -387,6 +393,16 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     for (int a = 0; a < 3; ++a) next[a] = crossed[a] * delta[a] + first[a];
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
     entry_axis = third ? 2 : (cross0 ? 0 : 1);
+    return true;
+  };
+  // Two voxels an iteration (TORCHDRR_SIDDON_UNROLL=1 for one): a copy's segment end is the next copy's start in
+  // the same register, which saves the register copy alpha = end of a one-voxel loop. (#pragma unroll does not
+  // unroll a loop with no trip count.)
+  for (;;) {
+    if (!step()) break;
+#if TORCHDRR_SIDDON_UNROLL >= 2
+    if (!step()) break;
+#endif
   }
   visit.finish();
 }
