@@ -1,7 +1,7 @@
 """A small CUDA forward + backward of both raycast modes, multi-channel and with rays starting inside and missing the
 volume; the packed channels-last forward (4 and 8 channels); log_weighted_transmission with its tables in shared
 memory and in global memory (ray counts that are not a multiple of the block size), with one weight table or one per
-image; a full-physics DRR with its backward; and the camera op's pose Jacobian route. Run under
+image; a full-physics DRR with its backward; the camera op's pose Jacobian route and its trilinear walk. Run under
 `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory); the spectral part is also
 worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
 
@@ -50,6 +50,17 @@ def main() -> None:
     pose_volume = torch.rand((11, 9, 7, 5), device="cuda", requires_grad=True)
     pose_out = torchdrr.ops.camera_raycast(pose_volume, affine, pose_sources, pose_matrices, 7, 9, supersample=2)
     pose_out.square().sum().backward()
+    # The camera op's trilinear walk, whose samples inside the grid skip the clamps: 1 channel (the neighbour along k
+    # is the next element), 3 channels-last (a general stride) and 4 channels-last (packed), with the cameras above
+    # (rays that start inside the volume and rays that miss it).
+    for channels in (1, 3, 4):
+        trilinear_volume = torch.rand((16, 14, 12, channels), device="cuda").permute(3, 0, 1, 2)
+        if channels == 1:
+            trilinear_volume = trilinear_volume.contiguous()
+        torchdrr.ops.camera_raycast(
+            trilinear_volume, affine, pose_sources.detach(), pose_matrices.detach(), 7, 9, mode="trilinear",
+            supersample=2,
+        )  # fmt: skip
     for bins in (40, 4000):  # (M + Q) * E * 4 bytes: 1.6 KB in shared memory, 160 KB read from global memory
         thickness = (4 * torch.rand((1000, 8), device="cuda")).requires_grad_()
         attenuation = torch.rand((8, bins), device="cuda") / 10
