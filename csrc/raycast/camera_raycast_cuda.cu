@@ -137,11 +137,12 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
-// Blocks per SM of the forward: the one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full
-// occupancy; with the walk unrolled twice, 16 bytes of spills, and still faster than 6 blocks and 38 registers). The one-channel trilinear walk waits on its loads (two thirds of its stall cycles, ncu,
-// H100): 5 blocks (48 registers, a few bytes of spills outside the sample loop) took 1.76 ms at 1240 x 960 against
-// 1.84 ms with 4 (64 registers). The trilinear walk of 4 or 8 channels needs more than 64 registers (3 blocks: 80),
-// having its clamped and its interior sample loops (trilinear_samples_steps). The others take kForwardMinBlocks.
+// Blocks per SM of the forward. The one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full
+// occupancy; unrolled twice it spills 16 bytes there, and is still faster than with 6 blocks and 38 registers). The
+// one-channel trilinear walk waits on its loads (two thirds of its stall cycles, ncu, H100): 5 blocks (48 registers,
+// 56 bytes of spills) took 1.76 ms at 1240 x 960 against 1.84 ms with 4 (64 registers). The trilinear walk of 4 or 8
+// channels needs more than 64 registers (3 blocks: 80), having its clamped and its interior sample loops
+// (trilinear_samples_steps). The others take kForwardMinBlocks. All overridable at build time for tuning.
 #ifndef TORCHDRR_SIDDON_MIN_BLOCKS
 #define TORCHDRR_SIDDON_MIN_BLOCKS 8
 #endif
