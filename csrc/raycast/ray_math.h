@@ -332,8 +332,9 @@ TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
 // offset leaves the grid's range.
 //
 // Calls visit.segment(offset, in_range, a0, a1, entry_axis) for each voxel, as siddon_runs' partial(), then
-// visit.finish(). `in_range` is false for a step past the grid (only rounding at the exit face causes one, with a
-// zero-length segment): the visitor must not read that offset.
+// visit.finish(). Visitor::kExitTestFirst picks one of two loop shapes that visit the same segments (the faster
+// one differs between visitors). `in_range` is false for a step past the grid (only rounding at the exit face causes
+// one, with a zero-length segment): the visitor must not read that offset.
 template <typename T, typename Visitor>
 TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
   if (!r.hit) return;
@@ -360,31 +361,29 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   }
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
-  // One voxel; false once the walk has left the volume.
-  const auto step = [&]() -> bool {
-    const bool first_before_second = next[0] <= next[1];
+  // The next crossing: the least of the next planes, and which axis it is on.
+  bool first_before_second, third;
+  const auto next_crossing = [&]() -> T {
+    first_before_second = next[0] <= next[1];
     const T nearest01 = first_before_second ? next[0] : next[1];
-    const bool third = next[2] < nearest01;
-    const T crossing = third ? next[2] : nearest01;
-    const bool exits = !(crossing < r.alpha_max);
-    // The segment's end: crossings never go back (above), so one min instruction; a clamp to the start as well
-    // took a second per voxel. (Ending the loop before the visit, with the exit's segment after it, was slower:
-    // the rotated loop carried the 64-bit offset and formed each load address in two instructions, H100 PTX.)
-    const T end = fmin(crossing, r.alpha_max);
-    // One unsigned compare covers both ends (a negative offset wraps to a huge one).
-    const bool in_range = static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset);
-    // Passed zero-extended: inside the range the offset is non-negative, and the GPU then forms the load address in
-    // one instruction instead of a sign extension and two.
+    third = next[2] < nearest01;
+    return third ? next[2] : nearest01;
+  };
+  // One unsigned compare covers both ends (a negative offset wraps to a huge one).
+  const auto in_grid = [&]() { return static_cast<unsigned>(offset) <= static_cast<unsigned>(last_offset); };
+  // Passed zero-extended: inside the range the offset is non-negative, and the GPU then forms the load address in
+  // one instruction instead of a sign extension and two.
+  const auto visit_voxel = [&](bool in_range, T end) {
     visit.segment(static_cast<int64_t>(static_cast<uint32_t>(offset)), in_range, alpha, end, entry_axis);
-    if (exits || !in_range) return false;
-    alpha = end;
-    // No if/else chain on the crossed axis (the compiler turned one into divergent branches), and no array indexed
-    // by the axis (it would live in local memory on the GPU). The count moves on the crossed axis only; the three
-    // fused multiply-adds then need no selection (an axis not crossed gets its own value back). The counts move
-    // under `if`, which the GPU runs as one predicated add each; the form `count += crossed ? 1 : 0` took a select
-    // and an add (kernel 0.90 -> 0.83 ms, 655 M -> 593 M instructions, H100). (Crossing every
-    // axis whose next plane equals the minimum, with min instructions instead of the compare chain, was slower on
-    // the H100: 0.96 against 0.90 ms, 675 M against 655 M instructions.)
+  };
+  // Into the voxel after the crossing just visited. No if/else chain on the crossed axis (the compiler turned one
+  // into divergent branches), and no array indexed by the axis (it would live in local memory on the GPU). The count
+  // moves on the crossed axis only; the three fused multiply-adds then need no selection (an axis not crossed gets
+  // its own value back). The counts move under `if`, which the GPU runs as one predicated add each; the form
+  // `count += crossed ? 1 : 0` took a select and an add (kernel 0.90 -> 0.83 ms, 655 M -> 593 M instructions,
+  // H100). (Crossing every axis whose next plane equals the minimum, with min instructions instead of the compare
+  // chain, was slower on the H100: 0.96 against 0.90 ms, 675 M against 655 M instructions.)
+  const auto advance = [&]() {
     const bool cross0 = !third && first_before_second, cross1 = !third && !first_before_second;
     if (cross0) crossed[0] += T(1);
     if (cross1) crossed[1] += T(1);
@@ -393,18 +392,47 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     for (int a = 0; a < 3; ++a) next[a] = crossed[a] * delta[a] + first[a];
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
     entry_axis = third ? 2 : (cross0 ? 0 : 1);
-    return true;
   };
-  // Two voxels an iteration (TORCHDRR_SIDDON_UNROLL=1 for one): a copy's segment end is the next copy's start in
-  // the same register, which saves the register copy alpha = end of a one-voxel loop. Measured on the H100 with
-  // the 32-register cap of the one-channel forward (where it spills 16 bytes): b8 6.24 -> 6.00 ms, 200 x 200 b64
-  // 26,158 -> 28,347 DRR/s. Not with a 38-register cap (6 blocks): the kernel fell to IPC 2.2 and b8 to 7.5 ms.
-  // (#pragma unroll does not unroll a loop with no trip count.)
-  for (;;) {
-    if (!step()) break;
+  if constexpr (Visitor::kExitTestFirst) {
+    // The exit test before the visit, and the exit's segment visited after the loop: no segment inside needs a
+    // clamp. The Jacobian visitor's kernel took 1.57 ms in this shape against 1.78 ms in the other (IPC 2.96 against
+    // 2.45, H100); the one-channel forward was slower in it (0.87 against 0.80 ms: the compiler carried its offset
+    // zero-extended in 64 bits and formed each load address in two instructions).
+    T crossing;
+    bool in_range;
+    for (;;) {
+      crossing = next_crossing();
+      in_range = in_grid();
+      if (!(crossing < r.alpha_max) || !in_range) break;
+      visit_voxel(true, crossing);
+      alpha = crossing;
+      advance();
+    }
+    visit_voxel(in_range, fmax(fmin(crossing, r.alpha_max), alpha));
+  } else {
+    // One voxel; false once the walk has left the volume. The segment's end: crossings never go back (above), so
+    // one min instruction (a clamp to the start as well took a second per voxel).
+    const auto step = [&]() -> bool {
+      const T crossing = next_crossing();
+      const T end = fmin(crossing, r.alpha_max);
+      const bool in_range = in_grid();
+      visit_voxel(in_range, end);
+      if (!(crossing < r.alpha_max) || !in_range) return false;
+      alpha = end;
+      advance();
+      return true;
+    };
+    // Two voxels an iteration (TORCHDRR_SIDDON_UNROLL=1 for one): a copy's segment end is the next copy's start in
+    // the same register, which saves the register copy alpha = end of a one-voxel loop. Measured on the H100 with
+    // the 32-register cap of the one-channel forward (where it spills 16 bytes): b8 6.24 -> 6.00 ms, 200 x 200 b64
+    // 26,158 -> 28,347 DRR/s. Not with a 38-register cap (6 blocks): the kernel fell to IPC 2.2 and b8 to 7.5 ms.
+    // (#pragma unroll does not unroll a loop with no trip count.)
+    for (;;) {
+      if (!step()) break;
 #if TORCHDRR_SIDDON_UNROLL >= 2
-    if (!step()) break;
+      if (!step()) break;
 #endif
+    }
   }
   visit.finish();
 }
@@ -501,6 +529,7 @@ TDRR_HD void endpoint_gradients(const VolumeGeometry<T>& g, const T* s_world, co
 // Siddon forward as a siddon_runs visitor: acc[c] = sum over the ray's voxels of value_c x parameter length.
 template <typename T, int MaxC, bool Packed>
 struct SiddonForwardVisitor {
+  static constexpr bool kExitTestFirst = false;  // siddon_steps' loop shape
   const T* __restrict__ volume;
   int64_t channel_stride;
   int channels;
@@ -743,8 +772,8 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
 
 // The n trilinear samples of a hit ray added to acc, the GPU's way: the samples whose stencil is inside the grid
 // (most of them) without clamps (interior_trilinear_value), the few near the faces with them. The same sample
-// positions (to rounding) and order of summation as the plain loop in ray_forward. Why: clamped 64-bit offsets made a sample
-// about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT).
+// positions (to rounding) and order of summation as the plain loop in ray_forward. Why: clamped 64-bit offsets made
+// a sample about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT); this one is 48.
 template <typename T, int MaxC, bool Packed>
 TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
                                      const ClippedRay<T>& r, int64_t n, T h, T* acc) {
@@ -841,6 +870,7 @@ TDRR_HD void raycast_ray_forward(const VolumeGeometry<T>& g, const T* __restrict
 // dS/dt_a = -E_a / d_a. The back-projection adds g_c x length x parameter length to each voxel.
 template <typename T, int MaxC, bool WantVolume, bool WantRays, typename ScatterAdd>
 struct SiddonBackwardVisitor {
+  static constexpr bool kExitTestFirst = false;  // siddon_steps' loop shape
   const T* __restrict__ volume;
   int64_t channel_stride;
   int channels;
@@ -951,6 +981,7 @@ struct SiddonBackwardVisitor {
 // channels: the voxel loads are shared and only the adds grow with the channel count.
 template <typename T, int MaxC, bool Packed>
 struct SiddonJacobianVisitor {
+  static constexpr bool kExitTestFirst = true;  // siddon_steps' loop shape (faster for this visitor, H100)
   const T* __restrict__ volume;
   int64_t channel_stride;
   int channels;
