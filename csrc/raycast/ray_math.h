@@ -576,6 +576,29 @@ struct SiddonForwardVisitor {
   }
 };
 
+// The trilinear blend of the 8 voxels around a point, as 4 + 2 + 1 linear interpolations (k, then j, then i) with
+// the fractions f: load(bi, bj, v0, v1) reads the corners (bi, bj, 0) into v0 and (bi, bj, 1) into v1 (MaxC
+// channels each). Shared by the clamped and the interior samples, so that the two give the same value.
+template <typename T, int MaxC, typename Load>
+TDRR_HD void trilinear_blend(const T* f, const Load& load, T* value) {
+  T along_i[2][MaxC];
+#pragma unroll
+  for (int bi = 0; bi < 2; ++bi) {
+    T along_j[2][MaxC];
+#pragma unroll
+    for (int bj = 0; bj < 2; ++bj) {
+      T v0[MaxC], v1[MaxC];
+      load(bi, bj, v0, v1);
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) along_j[bj][c] = v0[c] + f[2] * (v1[c] - v0[c]);
+    }
+#pragma unroll
+    for (int c = 0; c < MaxC; ++c) along_i[bi][c] = along_j[0][c] + f[1] * (along_j[1][c] - along_j[0][c]);
+  }
+#pragma unroll
+  for (int c = 0; c < MaxC; ++c) value[c] = along_i[0][c] + f[0] * (along_i[1][c] - along_i[0][c]);
+}
+
 // Adds the edge-clamped trilinear interpolant of the first `channels` channels at the index-space point x to acc,
 // as 4 + 2 + 1 linear interpolations (k, then j, then i) of the 8 surrounding voxels. Index: the integer type of the
 // offsets (int where the caller has checked that the volume spans fewer than 2^31 elements, as the GPU kernels do:
@@ -594,24 +617,17 @@ TDRR_HD void add_trilinear_sample(const VolumeGeometry<T>& g, const T* __restric
     lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * stride;
     hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * stride;
   }
-  T along_i[2][MaxC];
+  T value[MaxC];
+  trilinear_blend<T, MaxC>(
+      f,
+      [&](int bi, int bj, T* v0, T* v1) {
+        const Index base = (bi ? hi[0] : lo[0]) + (bj ? hi[1] : lo[1]);
+        load_voxel<T, MaxC, Packed>(volume, base + lo[2], g.channel_stride, channels, v0);
+        load_voxel<T, MaxC, Packed>(volume, base + hi[2], g.channel_stride, channels, v1);
+      },
+      value);
 #pragma unroll
-  for (int bi = 0; bi < 2; ++bi) {
-    T along_j[2][MaxC];
-#pragma unroll
-    for (int bj = 0; bj < 2; ++bj) {
-      const Index base = (bi ? hi[0] : lo[0]) + (bj ? hi[1] : lo[1]);
-      T v0[MaxC], v1[MaxC];
-      load_voxel<T, MaxC, Packed>(volume, base + lo[2], g.channel_stride, channels, v0);
-      load_voxel<T, MaxC, Packed>(volume, base + hi[2], g.channel_stride, channels, v1);
-#pragma unroll
-      for (int c = 0; c < MaxC; ++c) along_j[bj][c] = v0[c] + f[2] * (v1[c] - v0[c]);
-    }
-#pragma unroll
-    for (int c = 0; c < MaxC; ++c) along_i[bi][c] = along_j[0][c] + f[1] * (along_j[1][c] - along_j[0][c]);
-  }
-#pragma unroll
-  for (int c = 0; c < MaxC; ++c) acc[c] += along_i[0][c] + f[0] * (along_i[1][c] - along_i[0][c]);
+  for (int c = 0; c < MaxC; ++c) acc[c] += value[c];
 }
 
 // floor(x) for 0 <= x < 2^22 as an unsigned code, floor(x) + floor_code_offset<T>() (mod 2^32), with fl = floor(x)
@@ -704,25 +720,15 @@ TDRR_HD void interior_trilinear_value(const T* __restrict__ volume, const uint32
   const uint32_t along_k = UnitK ? uint32_t(Packed ? MaxC : 1) : stride[2];
   const T* corner_i0 = volume + base;
   const T* corner_i1 = corner_i0 + stride[0];
-  T along_i[2][MaxC];
-#pragma unroll
-  for (int bi = 0; bi < 2; ++bi) {
-    T along_j[2][MaxC];
-#pragma unroll
-    for (int bj = 0; bj < 2; ++bj) {
-      const T* corner = bi ? corner_i1 : corner_i0;
-      if (bj) corner += stride[1];
-      T v0[MaxC], v1[MaxC];
-      load_voxel<T, MaxC, Packed>(corner, 0, channel_stride, channels, v0);
-      load_voxel<T, MaxC, Packed>(corner, static_cast<int64_t>(along_k), channel_stride, channels, v1);
-#pragma unroll
-      for (int c = 0; c < MaxC; ++c) along_j[bj][c] = v0[c] + f[2] * (v1[c] - v0[c]);
-    }
-#pragma unroll
-    for (int c = 0; c < MaxC; ++c) along_i[bi][c] = along_j[0][c] + f[1] * (along_j[1][c] - along_j[0][c]);
-  }
-#pragma unroll
-  for (int c = 0; c < MaxC; ++c) value[c] = along_i[0][c] + f[0] * (along_i[1][c] - along_i[0][c]);
+  trilinear_blend<T, MaxC>(
+      f,
+      [&](int bi, int bj, T* v0, T* v1) {
+        const T* corner = bi ? corner_i1 : corner_i0;
+        if (bj) corner += stride[1];
+        load_voxel<T, MaxC, Packed>(corner, 0, channel_stride, channels, v0);
+        load_voxel<T, MaxC, Packed>(corner, static_cast<int64_t>(along_k), channel_stride, channels, v1);
+      },
+      value);
 }
 
 // The interior samples [k_begin, k_end) of trilinear_samples_steps, added to acc in order.
