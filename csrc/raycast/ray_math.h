@@ -459,6 +459,22 @@ TDRR_HD int64_t trilinear_sample_count(const ClippedRay<T>& r, T length_world, T
   return n < 1 ? 1 : n;
 }
 
+// Per axis a of the index-space point x: the offsets lo[a] and hi[a] of the grid planes at and above floor(x_a),
+// clamped into the grid (so that the interpolant is constant between an edge voxel's centre and the outer face) and
+// times the axis' stride, and the fraction f[a] = x_a - floor(x_a). Index: the offsets' integer type.
+template <typename T, typename Index>
+TDRR_HD void clamped_trilinear_corners(const VolumeGeometry<T>& g, const T* x, Index* lo, Index* hi, T* f) {
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    const T fl = floor(x[a]);
+    const Index i0 = static_cast<Index>(fl);
+    f[a] = x[a] - fl;
+    const Index last = static_cast<Index>(g.size[a] - 1), stride = static_cast<Index>(g.voxel_stride[a]);
+    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * stride;
+    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * stride;
+  }
+}
+
 // The 8 voxels around a point and their trilinear weights, with indices clamped to the grid so that the value is
 // constant between an edge voxel's centre and the outer face. dweight[a][corner] = d weight / d x_a.
 template <typename T>
@@ -472,15 +488,7 @@ template <typename T>
 TDRR_HD TrilinearStencil<T> trilinear_stencil(const VolumeGeometry<T>& g, const T* x) {
   int64_t lo[3], hi[3];
   T frac[3];
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    const T fl = floor(x[a]);
-    const int64_t i0 = static_cast<int64_t>(fl);
-    frac[a] = x[a] - fl;
-    const int64_t last = g.size[a] - 1;
-    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * g.voxel_stride[a];
-    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * g.voxel_stride[a];
-  }
+  clamped_trilinear_corners(g, x, lo, hi, frac);
   TrilinearStencil<T> st;
 #pragma unroll
   for (int c = 0; c < 8; ++c) {
@@ -608,15 +616,7 @@ TDRR_HD void add_trilinear_sample(const VolumeGeometry<T>& g, const T* __restric
                                   T* acc) {
   Index lo[3], hi[3];
   T f[3];
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    const T fl = floor(x[a]);
-    const Index i0 = static_cast<Index>(fl);
-    f[a] = x[a] - fl;
-    const Index last = static_cast<Index>(g.size[a] - 1), stride = static_cast<Index>(g.voxel_stride[a]);
-    lo[a] = (i0 < 0 ? 0 : (i0 > last ? last : i0)) * stride;
-    hi[a] = (i0 + 1 < 0 ? 0 : (i0 + 1 > last ? last : i0 + 1)) * stride;
-  }
+  clamped_trilinear_corners(g, x, lo, hi, f);
   T value[MaxC];
   trilinear_blend<T, MaxC>(
       f,
