@@ -212,4 +212,26 @@ TDRR_HD void carm_ray_parameters_pose_backward(const T angles[3], const T k_inv[
   grad_angles[2] = d_inplane * T(kDegreesToRadians);
 }
 
+// Pose b of a batch, what the CPU loop and the CUDA kernels each run per pose: the forward reads its inputs and writes
+// its source and ray matrix into contiguous [B, 3] and [B, 3, 3] outputs of dtype O; the backward reads its inputs
+// and incoming gradients and gives its dL/dangles and dL/disocenter (the callers store or sum them: a shared
+// isocenter's gradient is the sum over the batch).
+template <typename T, typename O>
+TDRR_HD void carm_ray_parameters_at(const CarmInputs<T>& in, int64_t b, O* sources, O* ray_matrices) {
+  T angles[3], isocenter[3], k_inv[3][3], source[3], matrix[3][3];
+  load_carm_pose(in, b, angles, isocenter, k_inv);
+  carm_ray_parameters_pose(angles, isocenter, k_inv, in.sod_mm, in.sdd_mm, source, matrix);
+  store_ray_parameters(source, matrix, b, sources, ray_matrices);
+}
+
+template <typename T, typename G>
+TDRR_HD void carm_ray_parameters_backward_at(const CarmInputs<T>& in, const CarmGrads<G>& grads, int64_t b,
+                                             T grad_angles[3], T grad_isocenter[3]) {
+  T angles[3], isocenter[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
+  load_carm_pose(in, b, angles, isocenter, k_inv);
+  load_carm_grads(grads, b, grad_source, grad_matrix);
+  carm_ray_parameters_pose_backward(angles, k_inv, in.sod_mm, in.sdd_mm, grad_source, grad_matrix, grad_angles,
+                                    grad_isocenter);
+}
+
 }  // namespace torchdrr

@@ -31,12 +31,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cpu(const at::Tensor& ang
       O* source_out = sources.mutable_data_ptr<O>();
       O* matrix_out = ray_matrices.mutable_data_ptr<O>();
       at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          T pose_angles[3], pose_isocenter[3], k_inv[3][3], source[3], matrix[3][3];
-          load_carm_pose(in, b, pose_angles, pose_isocenter, k_inv);
-          carm_ray_parameters_pose(pose_angles, pose_isocenter, k_inv, in.sod_mm, in.sdd_mm, source, matrix);
-          store_ray_parameters(source, matrix, b, source_out, matrix_out);
-        }
+        for (int64_t b = begin; b < end; ++b) carm_ray_parameters_at(in, b, source_out, matrix_out);
       });
     });
   });
@@ -65,12 +60,8 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cpu(const at::Te
       T* isocenter_out = grad_isocenter.mutable_data_ptr<T>();
       at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          T pose_angles[3], pose_isocenter[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
           T pose_grad_angles[3], pose_grad_isocenter[3];
-          load_carm_pose(in, b, pose_angles, pose_isocenter, k_inv);
-          load_carm_grads(grads, b, grad_source, grad_matrix);
-          carm_ray_parameters_pose_backward(pose_angles, k_inv, in.sod_mm, in.sdd_mm, grad_source, grad_matrix,
-                                            pose_grad_angles, pose_grad_isocenter);
+          carm_ray_parameters_backward_at(in, grads, b, pose_grad_angles, pose_grad_isocenter);
           for (int i = 0; i < 3; ++i) {
             angles_out[b * 3 + i] = pose_grad_angles[i];
             if (!shared_isocenter) isocenter_out[b * 3 + i] = pose_grad_isocenter[i];

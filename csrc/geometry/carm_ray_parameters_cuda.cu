@@ -30,10 +30,7 @@ __global__ void __launch_bounds__(kForwardThreads)
     carm_forward_kernel(const CarmInputs<T> in, O* __restrict__ sources, O* __restrict__ ray_matrices) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= in.batch) return;
-  T angles[3], isocenter[3], k_inv[3][3], source[3], matrix[3][3];
-  load_carm_pose(in, b, angles, isocenter, k_inv);
-  carm_ray_parameters_pose(angles, isocenter, k_inv, in.sod_mm, in.sdd_mm, source, matrix);
-  store_ray_parameters(source, matrix, b, sources, ray_matrices);
+  carm_ray_parameters_at(in, b, sources, ray_matrices);
 }
 
 // kShared: the isocenter is one [3] for the whole batch (launched as a single block), else [B, 3] (one thread a pose).
@@ -45,11 +42,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = kShared ? blockDim.x : in.batch;  // non-shared: each thread takes at most one pose
   for (int64_t b = first; b < in.batch; b += stride) {
-    T angles[3], isocenter[3], k_inv[3][3], grad_source[3], grad_matrix[3][3], pose_angles[3], pose_isocenter[3];
-    load_carm_pose(in, b, angles, isocenter, k_inv);
-    load_carm_grads(grads, b, grad_source, grad_matrix);
-    carm_ray_parameters_pose_backward(angles, k_inv, in.sod_mm, in.sdd_mm, grad_source, grad_matrix, pose_angles,
-                                      pose_isocenter);
+    T pose_angles[3], pose_isocenter[3];
+    carm_ray_parameters_backward_at(in, grads, b, pose_angles, pose_isocenter);
 #pragma unroll
     for (int i = 0; i < 3; ++i) {
       grad_angles[b * 3 + i] = pose_angles[i];

@@ -91,4 +91,32 @@ TDRR_HD void pose_ray_parameters_pose_backward(const T rotation[3][3], const T t
   }
 }
 
+// Pose b of a batch, what the CPU loop and the CUDA kernel each run per pose: the forward reads its inputs and writes
+// its source and ray matrix into contiguous [B, 3] and [B, 3, 3] outputs of dtype O; the backward reads its inputs
+// and incoming gradients and writes dL/dR and dL/dt into contiguous [B, 3, 3] and [B, 3] outputs.
+template <typename T, typename O>
+TDRR_HD void pose_ray_parameters_at(const PoseInputs<T>& in, int64_t b, O* sources, O* ray_matrices) {
+  T rotation[3][3], translation[3], k_inv[3][3], source[3], matrix[3][3];
+  load_pose(in, b, rotation, translation, k_inv);
+  pose_ray_parameters_pose(rotation, translation, k_inv, in.sdd_mm, source, matrix);
+  store_ray_parameters(source, matrix, b, sources, ray_matrices);
+}
+
+template <typename T, typename G>
+TDRR_HD void pose_ray_parameters_backward_at(const PoseInputs<T>& in, const CarmGrads<G>& grads, int64_t b,
+                                             T* grad_rotation, T* grad_translation) {
+  T rotation[3][3], translation[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
+  T pose_grad_rotation[3][3], pose_grad_translation[3];
+  load_pose(in, b, rotation, translation, k_inv);
+  load_carm_grads(grads, b, grad_source, grad_matrix);
+  pose_ray_parameters_pose_backward(rotation, translation, k_inv, in.sdd_mm, grad_source, grad_matrix,
+                                    pose_grad_rotation, pose_grad_translation);
+#pragma unroll
+  for (int j = 0; j < 3; ++j) {
+    grad_translation[b * 3 + j] = pose_grad_translation[j];
+#pragma unroll
+    for (int i = 0; i < 3; ++i) grad_rotation[b * 9 + j * 3 + i] = pose_grad_rotation[j][i];
+  }
+}
+
 }  // namespace torchdrr

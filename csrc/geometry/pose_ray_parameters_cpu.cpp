@@ -31,12 +31,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_cpu(const at::Tensor& int
       O* source_out = sources.mutable_data_ptr<O>();
       O* matrix_out = ray_matrices.mutable_data_ptr<O>();
       at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          T pose_rotation[3][3], pose_translation[3], k_inv[3][3], source[3], matrix[3][3];
-          load_pose(in, b, pose_rotation, pose_translation, k_inv);
-          pose_ray_parameters_pose(pose_rotation, pose_translation, k_inv, in.sdd_mm, source, matrix);
-          store_ray_parameters(source, matrix, b, source_out, matrix_out);
-        }
+        for (int64_t b = begin; b < end; ++b) pose_ray_parameters_at(in, b, source_out, matrix_out);
       });
     });
   });
@@ -63,16 +58,7 @@ std::tuple<at::Tensor, at::Tensor> pose_ray_parameters_backward_cpu(const at::Te
       T* translation_out = grad_translation.mutable_data_ptr<T>();
       at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          T pose_rotation[3][3], pose_translation[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
-          T pose_grad_rotation[3][3], pose_grad_translation[3];
-          load_pose(in, b, pose_rotation, pose_translation, k_inv);
-          load_carm_grads(grads, b, grad_source, grad_matrix);
-          pose_ray_parameters_pose_backward(pose_rotation, pose_translation, k_inv, in.sdd_mm, grad_source,
-                                            grad_matrix, pose_grad_rotation, pose_grad_translation);
-          for (int j = 0; j < 3; ++j) {
-            translation_out[b * 3 + j] = pose_grad_translation[j];
-            for (int i = 0; i < 3; ++i) rotation_out[b * 9 + j * 3 + i] = pose_grad_rotation[j][i];
-          }
+          pose_ray_parameters_backward_at(in, grads, b, rotation_out, translation_out);
         }
       });
     });

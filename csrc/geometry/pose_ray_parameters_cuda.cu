@@ -26,10 +26,7 @@ __global__ void __launch_bounds__(kThreads)
     pose_forward_kernel(const PoseInputs<T> in, O* __restrict__ sources, O* __restrict__ ray_matrices) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= in.batch) return;
-  T rotation[3][3], translation[3], k_inv[3][3], source[3], matrix[3][3];
-  load_pose(in, b, rotation, translation, k_inv);
-  pose_ray_parameters_pose(rotation, translation, k_inv, in.sdd_mm, source, matrix);
-  store_ray_parameters(source, matrix, b, sources, ray_matrices);
+  pose_ray_parameters_at(in, b, sources, ray_matrices);
 }
 
 template <typename T, typename G>
@@ -38,18 +35,7 @@ __global__ void __launch_bounds__(kThreads)
                          T* __restrict__ grad_translation) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= in.batch) return;
-  T rotation[3][3], translation[3], k_inv[3][3], grad_source[3], grad_matrix[3][3];
-  T pose_grad_rotation[3][3], pose_grad_translation[3];
-  load_pose(in, b, rotation, translation, k_inv);
-  load_carm_grads(grads, b, grad_source, grad_matrix);
-  pose_ray_parameters_pose_backward(rotation, translation, k_inv, in.sdd_mm, grad_source, grad_matrix,
-                                    pose_grad_rotation, pose_grad_translation);
-#pragma unroll
-  for (int j = 0; j < 3; ++j) {
-    grad_translation[b * 3 + j] = pose_grad_translation[j];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) grad_rotation[b * 9 + j * 3 + i] = pose_grad_rotation[j][i];
-  }
+  pose_ray_parameters_backward_at(in, grads, b, grad_rotation, grad_translation);
 }
 
 unsigned blocks_for(int64_t batch) { return static_cast<unsigned>((batch + kThreads - 1) / kThreads); }
