@@ -7,6 +7,9 @@ reduction), so that ncu can skip the first pass:
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
         --section LaunchStats --section SchedulerStats --section InstructionStats \\
         python benchmarks/ncu_case.py siddon        # or: trilinear (step 0.7 mm; its backward walks again)
+
+An optional second argument picks the volume's memory layout: the index axis stored contiguously, k (default, as
+loaded), j or i (the same values, other strides).
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from torchdrr.render import hu_to_mu
 CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct" / "lidc-idri-0001.nii.gz"
 
 
-def main(mode: str) -> None:
+def main(mode: str, layout: str = "k") -> None:
     if mode not in ("siddon", "trilinear"):
         raise SystemExit(f"mode must be siddon or trilinear, got {mode!r}")
+    if layout not in ("i", "j", "k"):
+        raise SystemExit(f"layout must be i, j or k (the contiguous index axis), got {layout!r}")
     hu, affine = load_nifti(CT)
     mu = hu_to_mu(hu).cuda().float()
+    order = {"k": (0, 1, 2), "j": (0, 2, 1), "i": (2, 1, 0)}[layout]  # storage order, slowest axis first
+    mu = mu.permute(order).contiguous().permute(order)  # (each order is its own inverse)
     isocenter = volume_center(affine, mu.shape).cuda()
     angles = torch.tensor([180.0], dtype=torch.float64, device="cuda")
     rotation, translation = carm_extrinsics(angles, torch.zeros_like(angles), 850.0, isocenter)
@@ -45,4 +52,4 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "siddon")
+    main(*sys.argv[1:3]) if len(sys.argv) > 1 else main("siddon")

@@ -70,7 +70,7 @@ from torch import Tensor
 import torchdrr
 from torchdrr.geometry import Camera, carm_ray_parameters, intrinsic_matrix
 from torchdrr.io import bundled_ct_path, load_nifti, volume_center
-from torchdrr.ops import camera_raycast
+from torchdrr.ops import camera_raycast, contiguous_axis, ray_axis, row_axis, with_contiguous_axis
 from torchdrr.render import hu_to_mu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +211,18 @@ def render(
     return camera_raycast(mu, affine, sources, ray_matrices, height, width, mode=mode, step=step)
 
 
+def fast_layouts(volume: Tensor, affine: Tensor) -> dict[str, Tensor]:
+    """``volume`` stored for each mode's fastest CUDA render of the AP view (``torchdrr.ops.layout``): Siddon with the
+    index axis along the rays contiguous, trilinear with the one along the detector's rows (copies; same values)."""
+    isocenter = volume_center(affine, volume.shape[-3:]).to(volume.device)
+    _, ray_matrices = carm_ray_parameters(
+        poses(1).to(volume.device), 0.0, SOD_MM, isocenter, intrinsics_for(960, 1240, volume.device), SDD_MM,
+        dtype=torch.float64,
+    )  # fmt: skip
+    siddon = with_contiguous_axis(volume, ray_axis(affine, ray_matrices, 960, 1240))
+    return {"siddon": siddon, "trilinear": with_contiguous_axis(volume, row_axis(affine, ray_matrices))}
+
+
 def time_fn(
     fn: Callable[[], object], device: torch.device, repeats: int, warmup: int
 ) -> tuple[list[float], float | None]:
@@ -269,9 +281,10 @@ def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case) -> Callable[[], o
 
 
 def poly_render_fns(
-    hu: Tensor, affine: Tensor, mu: Tensor, case: Case
+    hu: Tensor, affine: Tensor, mu: Tensor, case: Case, contiguous_axis: int | None = None
 ) -> tuple[Callable[[], object], Callable[[], object]]:
-    """The poly case: (a) the 1-channel line integral and (b) the DRR module, 3 materials, 90 kVp, no noise."""
+    """The poly case: (a) the 1-channel line integral of ``mu`` and (b) the DRR module, 3 materials, 90 kVp, no
+    noise, its material volume stored with ``contiguous_axis`` contiguous (``DRR(contiguous_axis=...)``)."""
     device = mu.device
     isocenter = volume_center(affine, mu.shape).to(device)
     primary = poses(case.batch).to(device)
@@ -280,7 +293,7 @@ def poly_render_fns(
         primary, 0.0, isocenter, sod_mm=SOD_MM, sdd_mm=SDD_MM, height=case.height, width=case.width,
         pixel_spacing_mm=spacing,
     )  # fmt: skip
-    drr = torchdrr.DRR(hu.to(device), affine, spectrum="90kVp").to(device)
+    drr = torchdrr.DRR(hu.to(device), affine, spectrum="90kVp", contiguous_axis=contiguous_axis).to(device)
     drr.material_volume()  # built once and cached, as in training and registration loops
 
     def line() -> object:
@@ -471,6 +484,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed renders first (default 3 CUDA, 1 CPU)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), metavar="CASE",
                         help=f"subset of cases to run, from: {' '.join(CASES)} (default: all)")  # fmt: skip
+    parser.add_argument("--layout", choices=["fast", "as-loaded"], default="fast",
+                        help="memory layout of torchdrr's volumes on CUDA: 'fast' (default) stores the index axis "
+                             "along the AP rays contiguous for Siddon and the DRR module (torchdrr.ops.ray_axis) and "
+                             "the one along the detector's rows for trilinear (row_axis), copies made once at setup; "
+                             "'as-loaded' keeps k contiguous as torchdrr.io returns it (the CPU always does: its "
+                             "kernels prefer it)")  # fmt: skip
     parser.add_argument("--no-peers", action="store_true", help="skip nanodrr and DiffDRR")
     parser.add_argument("--small", action="store_true",
                         help="CPU smoke mode: 124x96 instead of 1240x960, 40x40 instead of 200x200, batches "
@@ -515,9 +534,13 @@ def main(argv: list[str] | None = None) -> int:
     ct = args.ct or (FULL_CT if FULL_CT.exists() else bundled_ct_path())
     hu, affine = load_nifti(ct)
     mu = hu_to_mu(hu).to(device)
-    volume_mb = mu.numel() * mu.element_size() / 2**20
+    volumes = fast_layouts(mu, affine) if args.layout == "fast" and cuda else {"siddon": mu, "trilinear": mu}
+    del mu
+    volume_mb = volumes["siddon"].numel() * volumes["siddon"].element_size() / 2**20
     header = header_lines(args, device, ct, tuple(hu.shape), argv)
-    header.append(f"volume (mu, float32) {volume_mb:.1f} MB; timing: {warmup} warm-up + {repeats} timed renders")
+    axes = ", ".join(f"{mode} {'ijk'[contiguous_axis(v)]}" for mode, v in volumes.items())
+    header.append(f"volume (mu, float32) {volume_mb:.1f} MB; contiguous index axis: {axes}; "
+                  f"timing: {warmup} warm-up + {repeats} timed renders")  # fmt: skip
     for line in header:
         print(line, flush=True)
 
@@ -547,7 +570,9 @@ def main(argv: list[str] | None = None) -> int:
             line_row = Row(name, "torchdrr siddon, 1 channel", case.height, case.width, case.batch, case.pass_)
             poly_row = Row(name, "torchdrr DRR 3 materials 90 kVp", case.height, case.width, case.batch, case.pass_)
             try:
-                line, poly = poly_render_fns(hu, affine, mu, case)
+                volume = volumes["siddon"]
+                axis = contiguous_axis(volume) if args.layout == "fast" and cuda else None
+                line, poly = poly_render_fns(hu, affine, volume, case, contiguous_axis=axis)
                 for row, fn in ((line_row, line), (poly_row, poly)):
                     row.samples_ms, row.peak_mb = time_fn(fn, device, repeats, warmup)
                     row.median_ms, row.min_ms = statistics.median(row.samples_ms), min(row.samples_ms)
@@ -572,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             row = Row(name, f"torchdrr {case.mode}", case.height, case.width, case.batch, case.pass_)
             try:
-                row.samples_ms, row.peak_mb = time_fn(torchdrr_render_fn(mu, affine, case), device, repeats, warmup)
+                fn = torchdrr_render_fn(volumes[case.mode], affine, case)
+                row.samples_ms, row.peak_mb = time_fn(fn, device, repeats, warmup)
                 row.median_ms, row.min_ms = statistics.median(row.samples_ms), min(row.samples_ms)
                 if case.step is not None:
                     row.note = f"step {case.step} mm"

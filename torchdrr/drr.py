@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .geometry import Camera
 from .io import Volume, volume_center
 from .memory import AUTO_BUDGET_FRACTION, RenderPlan, available_bytes, plan_chunks
-from .ops import camera_raycast, log_weighted_transmission, raycast
+from .ops import camera_raycast, log_weighted_transmission, raycast, with_contiguous_axis
 from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
@@ -187,6 +187,11 @@ class DRR(nn.Module):
             is drawn per chunk) or is refused with ``MemoryBudgetError`` before allocating. Default None: 80 % of
             what the device can spare at the time of the call, checked only for renders estimated above
             ``AUTO_BUDGET_CHECK_BYTES`` (so that small renders never query the device).
+        contiguous_axis: the index axis (0 = i, 1 = j, 2 = k) the material volume stores contiguously on CUDA
+            (``torchdrr.ops.with_contiguous_axis``; the CPU keeps k, its kernels' best). None (default) keeps k. The
+            images do not change, only the speed: for Siddon renders the axis along the rays
+            (``torchdrr.ops.ray_axis``) is fastest, j for AP views of a RAS CT (the 4-channel walk 1.19 -> 0.95 ms
+            at 1240 x 960 on an H100).
     """
 
     def __init__(
@@ -211,6 +216,7 @@ class DRR(nn.Module):
         supersample: int = 1,
         dtype: torch.dtype = torch.float32,
         memory_budget_bytes: int | None = None,
+        contiguous_axis: int | None = None,
     ) -> None:
         super().__init__()
         if dtype not in (torch.float32, torch.float64):
@@ -328,6 +334,9 @@ class DRR(nn.Module):
             raise ValueError(f"supersample must be a whole number >= 1, got {supersample!r}")
         self.supersample = int(supersample)
         self.memory_budget_bytes = _check_budget(memory_budget_bytes)
+        if contiguous_axis is not None and (isinstance(contiguous_axis, bool) or contiguous_axis not in (0, 1, 2)):
+            raise ValueError(f"contiguous_axis must be None, 0 (i), 1 (j) or 2 (k), got {contiguous_axis!r}")
+        self.contiguous_axis = contiguous_axis
         self._cache: tuple[tuple, Tensor] | None = None
         self._mean_energy_cache: tuple[tuple, float] | None = None
 
@@ -396,6 +405,8 @@ class DRR(nn.Module):
             zeros = channels_last.new_zeros((*channels_last.shape[:3], padded - m))
             channels_last = torch.cat([channels_last, zeros], dim=-1)
         volume = channels_last.contiguous().permute(3, 0, 1, 2)
+        if self.contiguous_axis is not None and volume.is_cuda:
+            volume = with_contiguous_axis(volume, self.contiguous_axis)  # channels stay innermost
         if needs_grad:
             self._cache = None
             return volume

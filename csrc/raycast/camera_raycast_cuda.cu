@@ -24,7 +24,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kDefaultTileWidth = 2;
+constexpr int kTallTileWidth = 2;  // warp tiles 2 pixels wide, 16 tall (camera_tile_shape)
+constexpr int kWideTileWidth = 8;  // 8 wide, 4 tall
 // Register caps through __launch_bounds__ (blocks of 256 threads per SM): 4 for the forward (64 registers; the
 // one-channel Siddon forward is capped at 8 blocks, 32 registers, at its definition) and 3 for the backward (80
 // registers). Uncapped, an earlier forward took 128 registers (25 % occupancy) and 1.3x its capped time on the H100
@@ -50,29 +51,36 @@ constexpr int jacobian_min_blocks(int max_channels) {
   return max_channels == 1 ? TORCHDRR_JACOBIAN_MIN_BLOCKS_1 : TORCHDRR_JACOBIAN_MIN_BLOCKS_N;
 }
 
-// The sub-pixel grid of one image and how threads tile it: a warp covers tile_width x (32 / tile_width)
-// sub-pixels, a block 2 x 4 warp tiles, and blockIdx.y is the camera.
+// How the threads of a block tile the image: a warp covers tile_width x (32 / tile_width) sub-pixels, a block 2 x 4
+// warp tiles.
+struct TileShape {
+  int tile_shift;     // log2 of the warp tile's width
+  int block_columns;  // 2 * tile width
+  int block_rows;     // 4 * 32 / tile width
+  int blocks_across;  // blocks per sub-pixel row band
+};
+
+// The sub-pixel grid of one image and its two tilings (tall and wide warp tiles; each camera's kernel picks one,
+// camera_tile_shape); blockIdx.y is the camera.
 struct CameraGrid {
   int width;          // W (pixels)
   int supersample;    // s
   int columns;        // W * s sub-pixel columns
   int rows;           // H * s sub-pixel rows
-  int tile_shift;     // log2 of the warp tile's width
-  int block_columns;  // 2 * tile width
-  int block_rows;     // 4 * 32 / tile width
-  int blocks_across;  // blocks per sub-pixel row band
-  int blocks;         // blocks per image
+  TileShape shapes[2];  // [0]: tiles kTallTileWidth wide, [1]: kWideTileWidth wide
+  int blocks;         // blocks per image: enough for either tiling
   int64_t rays;       // H * W * s * s rays per image
 };
 
-// Warp tile width (power of two, 1..32). TORCHDRR_WARP_TILE_WIDTH overrides the default, for tuning only.
-int warp_tile_width() {
-  static const int width = [] {
+// TORCHDRR_WARP_TILE_WIDTH (a power of two, 1..32) forces one warp tile width for every camera, for tuning; 0 when
+// unset (each camera picks tall or wide tiles, camera_tile_shape).
+int forced_tile_width() {
+  static const int forced = [] {
     const char* text = std::getenv("TORCHDRR_WARP_TILE_WIDTH");
     const int value = text ? std::atoi(text) : 0;
-    return (value >= 1 && value <= 32 && (value & (value - 1)) == 0) ? value : kDefaultTileWidth;
+    return (value >= 1 && value <= 32 && (value & (value - 1)) == 0) ? value : 0;
   }();
-  return width;
+  return forced;
 }
 
 CameraGrid make_camera_grid(int64_t height, int64_t width, int64_t supersample) {
@@ -81,12 +89,18 @@ CameraGrid make_camera_grid(int64_t height, int64_t width, int64_t supersample) 
   cam.supersample = static_cast<int>(supersample);
   cam.columns = static_cast<int>(width * supersample);
   cam.rows = static_cast<int>(height * supersample);
-  const int tile_width = warp_tile_width();
-  cam.tile_shift = __builtin_ctz(static_cast<unsigned>(tile_width));
-  cam.block_columns = 2 * tile_width;
-  cam.block_rows = 4 * (32 / tile_width);
-  cam.blocks_across = (cam.columns + cam.block_columns - 1) / cam.block_columns;
-  cam.blocks = cam.blocks_across * ((cam.rows + cam.block_rows - 1) / cam.block_rows);
+  cam.blocks = 0;
+  const int forced = forced_tile_width();
+  for (int k = 0; k < 2; ++k) {
+    const int tile_width = forced ? forced : (k == 0 ? kTallTileWidth : kWideTileWidth);
+    TileShape& shape = cam.shapes[k];
+    shape.tile_shift = __builtin_ctz(static_cast<unsigned>(tile_width));
+    shape.block_columns = 2 * tile_width;
+    shape.block_rows = 4 * (32 / tile_width);
+    shape.blocks_across = (cam.columns + shape.block_columns - 1) / shape.block_columns;
+    const int blocks = shape.blocks_across * ((cam.rows + shape.block_rows - 1) / shape.block_rows);
+    cam.blocks = blocks > cam.blocks ? blocks : cam.blocks;
+  }
   cam.rays = height * width * supersample * supersample;
   return cam;
 }
@@ -98,15 +112,40 @@ __device__ __forceinline__ T subpixel_centre(int index, int s) {
   return (T(index) + T(0.5)) / T(s) - T(0.5);
 }
 
-// This thread's ray: its index in the image (row, column, sub-row, sub-column order) and the image coordinates
-// (u, v) of its sub-pixel centre. False for threads past the image's edge.
+// Which tiling camera b's threads use: wide warp tiles (1) when the volume's contiguous index axis (axis 2 of the
+// geometry, make_geometry) is the one the detector's rows run along, so that a warp's neighbouring rays read
+// neighbouring memory; tall tiles (0) otherwise. Why: with the contiguous axis along the rows, tiles 8 wide were
+// fastest; with it along the detector's columns (k for a C-arm) or along the rays, tiles 2 wide (H100, chest CT, AP
+// at 1240 x 960: trilinear with i contiguous 1.92 -> 1.52 ms, the 4-channel walk with j contiguous 1.18 -> 0.95 ms;
+// benchmarks/NOTES.md). The rows' direction is column 0 of the ray matrix (world mm a pixel), here in voxels.
 template <typename T>
-__device__ __forceinline__ bool thread_ray(const CameraGrid& cam, int64_t& ray, T& u, T& v) {
+__device__ __forceinline__ int camera_tile_shape(const VolumeGeometry<T>& g, const T* __restrict__ matrices, int b) {
+  T along[3];
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    along[a] = g.world_to_index[a][0] * matrices[9 * b] + g.world_to_index[a][1] * matrices[9 * b + 3] +
+               g.world_to_index[a][2] * matrices[9 * b + 6];
+    along[a] = along[a] < T(0) ? -along[a] : along[a];
+  }
+  return (along[2] >= along[0] && along[2] >= along[1]) ? 1 : 0;
+}
+
+// This thread's ray in tiling `shape` (camera_tile_shape): its index in the image (row, column, sub-row, sub-column
+// order) and the image coordinates (u, v) of its sub-pixel centre. False for threads past the image's edge.
+template <typename T>
+__device__ __forceinline__ bool thread_ray(const CameraGrid& cam, int shape_index, int64_t& ray, T& u, T& v) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int tile_width = 1 << cam.tile_shift;
-  const int block_x = blockIdx.x % cam.blocks_across, block_y = blockIdx.x / cam.blocks_across;
-  const int col = block_x * cam.block_columns + (warp & 1) * tile_width + (lane & (tile_width - 1));
-  const int row = block_y * cam.block_rows + (warp >> 1) * (32 >> cam.tile_shift) + (lane >> cam.tile_shift);
+  // Selected field by field: indexing the parameter array with a run-time index copied it to local memory.
+  const TileShape& tall = cam.shapes[0];
+  const TileShape& wide = cam.shapes[1];
+  const int tile_shift = shape_index ? wide.tile_shift : tall.tile_shift;
+  const int blocks_across = shape_index ? wide.blocks_across : tall.blocks_across;
+  const int block_columns = shape_index ? wide.block_columns : tall.block_columns;
+  const int block_rows = shape_index ? wide.block_rows : tall.block_rows;
+  const int tile_width = 1 << tile_shift;
+  const int block_x = blockIdx.x % blocks_across, block_y = blockIdx.x / blocks_across;
+  const int col = block_x * block_columns + (warp & 1) * tile_width + (lane & (tile_width - 1));
+  const int row = block_y * block_rows + (warp >> 1) * (32 >> tile_shift) + (lane >> tile_shift);
   if (col >= cam.columns || row >= cam.rows) return false;
   const int s = cam.supersample;
   const int pixel_row = row / s, pixel_col = col / s;
@@ -139,15 +178,16 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 
 // Blocks per SM of the forward. The one-channel Siddon walk fits in 32 registers (8 blocks of 256 threads an SM: full
 // occupancy; unrolled twice it spills 16 bytes there, and is still faster than with 6 blocks and 38 registers). The
-// one-channel trilinear walk waits on its loads (two thirds of its stall cycles, ncu, H100): 5 blocks (48 registers,
-// 56 bytes of spills) took 1.76 ms at 1240 x 960 against 1.84 ms with 4 (64 registers). The trilinear walk of 4 or 8
+// one-channel trilinear walk waits on its loads (two thirds of its stall cycles, ncu, H100): 6 blocks (40 registers,
+// 100 bytes of spills) took 1.48 ms at 1240 x 960 (volume stored i fastest) against 1.77 ms with 4 (64 registers),
+// in one process. The trilinear walk of 4 or 8
 // channels needs more than 64 registers (3 blocks: 80), having its clamped and its interior sample loops
 // (trilinear_samples_steps). The others take kForwardMinBlocks. All overridable at build time for tuning.
 #ifndef TORCHDRR_SIDDON_MIN_BLOCKS
 #define TORCHDRR_SIDDON_MIN_BLOCKS 8
 #endif
 #ifndef TORCHDRR_TRILINEAR_MIN_BLOCKS
-#define TORCHDRR_TRILINEAR_MIN_BLOCKS 5
+#define TORCHDRR_TRILINEAR_MIN_BLOCKS 6
 #endif
 constexpr int forward_min_blocks(int max_channels, bool trilinear) {
   if (!trilinear) return max_channels == 1 ? TORCHDRR_SIDDON_MIN_BLOCKS : kForwardMinBlocks;
@@ -159,10 +199,10 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(MaxC, Trilinear))
     camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
                           T step_mm, T* __restrict__ out) {
+  const int b = blockIdx.y;
   int64_t ray;
   T u, v;
-  if (!thread_ray(cam, ray, u, v)) return;
-  const int b = blockIdx.y;
+  if (!thread_ray(cam, camera_tile_shape(geometry, matrices, b), ray, u, v)) return;
   T s[3], t[3];
   camera_endpoints(sources, matrices, b, u, v, s, t);
   // blockIdx.z picks the chunk of MaxC channels, so the walk sees one fixed base pointer. Why not a loop over the
@@ -203,10 +243,11 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
                            const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
                            T step_mm, const T* __restrict__ grad_output, T* __restrict__ grad_volume,
                            double* __restrict__ pose_partials) {
+  const int b = blockIdx.y;
   int64_t ray = 0;
   T u = T(0), v = T(0);
-  const bool valid = thread_ray(cam, ray, u, v);  // no early return: the whole block joins the reduction
-  const int b = blockIdx.y;
+  // no early return: the whole block joins the reduction
+  const bool valid = thread_ray(cam, camera_tile_shape(geometry, matrices, b), ray, u, v);
   T gs[3] = {T(0), T(0), T(0)}, gt[3] = {T(0), T(0), T(0)};
   if (valid) {
     T s[3], t[3];
@@ -241,10 +282,10 @@ __global__ void __launch_bounds__(kThreads, jacobian_min_blocks(MaxC))
     camera_forward_jacobian_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                                    const T* __restrict__ sources, const T* __restrict__ matrices,
                                    const CameraGrid cam, T step_mm, T* __restrict__ out, T* __restrict__ jacobian) {
+  const int b = blockIdx.y;
   int64_t ray;
   T u, v;
-  if (!thread_ray(cam, ray, u, v)) return;
-  const int b = blockIdx.y;
+  if (!thread_ray(cam, camera_tile_shape(geometry, matrices, b), ray, u, v)) return;
   T s[3], t[3];
   camera_endpoints(sources, matrices, b, u, v, s, t);
   // blockIdx.z picks the chunk of MaxC channels, as in camera_forward_kernel (and for the same reason).

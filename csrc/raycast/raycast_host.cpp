@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #include "raycast.h"
 
@@ -73,6 +74,20 @@ VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affi
     g.voxel_stride[r] = volume.stride(r + 1);
   }
   g.channel_stride = volume.stride(0);
+  // The kernels take the neighbour along index axis 2 as a constant offset from a voxel's address when that axis is
+  // the contiguous one (the trilinear sample's second load, `UnitK`). A volume stored with another axis contiguous
+  // (i fastest, as NIfTI and DICOM store it, or j) has that axis relabelled as axis 2 here: the rows of the
+  // world -> index map, the offsets, sizes and strides move together, so every ray and every result is the same.
+  int contiguous = 2;
+  for (int r = 0; r < 2; ++r) {
+    if (g.size[r] > 1 && (g.size[contiguous] == 1 || g.voxel_stride[r] < g.voxel_stride[contiguous])) contiguous = r;
+  }
+  if (contiguous != 2) {
+    for (int c = 0; c < 3; ++c) std::swap(g.world_to_index[contiguous][c], g.world_to_index[2][c]);
+    std::swap(g.index_offset[contiguous], g.index_offset[2]);
+    std::swap(g.size[contiguous], g.size[2]);
+    std::swap(g.voxel_stride[contiguous], g.voxel_stride[2]);
+  }
   return g;
 }
 

@@ -1,0 +1,128 @@
+"""Memory layouts of a volume for the CUDA ray casts: which index axis is stored contiguously.
+
+The ops read a volume through its strides, so any layout gives the same images and gradients; only the speed
+changes. A CT read in C order (``[I, J, K]`` from NIfTI or DICOM, as ``torchdrr.io`` returns it) has k, the
+patient's long axis, contiguous. A C-arm turns about that axis, so its rays run across it and neighbouring pixels
+of a detector row read voxels one row of the volume apart. Stored with the index axis that runs along the detector's
+rows contiguous (``row_axis``), a warp's neighbouring rays read neighbouring memory instead (the kernel picks its
+warp tiles to match); stored with the axis along the rays contiguous (``ray_axis``), a ray's next voxels share its
+cache lines. Which is faster depends on the mode (H100, chest CT, AP, 1240 x 960; benchmarks/NOTES.md):
+
+- trilinear: the row axis (1.8-1.9 -> ~1.5 ms); the ray axis is slower than k (2.1-3.1 ms);
+- Siddon: the ray axis, most of all for the 4-channel material walk of ``DRR`` (1.19 -> 0.95 ms; one channel
+  0.94 -> 0.86 ms).
+
+The CPU kernels are fastest with k contiguous: use these for CUDA volumes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def contiguous_axis(volume: Tensor) -> int:
+    """The spatial index axis (0 = i, 1 = j, 2 = k) a volume stores contiguously: the one with the smallest stride
+    among those longer than 1 (k when none is).
+
+    Args:
+        volume: ``[I, J, K]`` or ``[C, I, J, K]``.
+    """
+    if not isinstance(volume, Tensor) or volume.dim() not in (3, 4):
+        got = tuple(volume.shape) if isinstance(volume, Tensor) else type(volume).__name__
+        raise ValueError(f"volume must be an [I, J, K] or [C, I, J, K] tensor, got {got}")
+    spatial = volume.shape[-3:]
+    strides = volume.stride()[-3:]
+    best = 2
+    for axis in (0, 1):
+        if spatial[axis] > 1 and (spatial[best] == 1 or strides[axis] < strides[best]):
+            best = axis
+    return best
+
+
+def with_contiguous_axis(volume: Tensor, axis: int) -> Tensor:
+    """The same voxel values, stored with index axis ``axis`` contiguous (the volume itself when it already is).
+
+    The other two spatial axes keep their relative order. The channels of a ``[C, I, J, K]`` volume stay where they
+    were: innermost for a channels-last volume (stride 1, as ``DRR.material_volume`` makes it), outermost otherwise.
+    The result is a view of a new dense tensor with the volume's shape, dtype and device; it does not require grad
+    unless the volume does (the copy is differentiable).
+
+    Args:
+        volume: ``[I, J, K]`` or ``[C, I, J, K]``.
+        axis: 0 (i), 1 (j) or 2 (k).
+
+    Returns:
+        A tensor equal to ``volume`` (``torch.equal``) whose ``contiguous_axis`` is ``axis``.
+    """
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0 (i), 1 (j) or 2 (k), got {axis!r}")
+    channels_last = volume.dim() == 4 and volume.stride(0) == 1 and volume.shape[0] > 1
+    others = [a for a in (0, 1, 2) if a != axis]
+    spatial_order = [*others, axis]  # storage order, slowest first
+    if volume.dim() == 3:
+        order = spatial_order
+    elif channels_last:
+        order = [a + 1 for a in spatial_order] + [0]
+    else:
+        order = [0] + [a + 1 for a in spatial_order]
+    stored = volume.permute(order)
+    if stored.is_contiguous():
+        return volume
+    inverse = [order.index(d) for d in range(volume.dim())]
+    return stored.contiguous().permute(inverse)
+
+
+def _check_affine_and_matrices(affine: Tensor, ray_matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """(``[B, 3, 3]`` ray matrices, ``[3, 3]`` world -> index map), float64 on the CPU."""
+    if not isinstance(affine, Tensor) or tuple(affine.shape) != (4, 4):
+        raise ValueError(f"affine must be a [4, 4] tensor, got {getattr(affine, 'shape', type(affine).__name__)}")
+    if not isinstance(ray_matrices, Tensor) or ray_matrices.dim() not in (2, 3) or ray_matrices.shape[-2:] != (3, 3):
+        got = tuple(ray_matrices.shape) if isinstance(ray_matrices, Tensor) else type(ray_matrices).__name__
+        raise ValueError(f"ray_matrices must be [B, 3, 3] or [3, 3], got {got}")
+    matrices = ray_matrices.detach().to("cpu", torch.float64).reshape(-1, 3, 3)
+    return matrices, torch.linalg.inv(affine.detach().to("cpu", torch.float64)[:3, :3])
+
+
+def ray_axis(affine: Tensor, ray_matrices: Tensor, height: int, width: int) -> int:
+    """The index axis the rays of these cameras run along (through the image centre): the best axis to store
+    contiguously for CUDA Siddon renders from them (``with_contiguous_axis``).
+
+    The centre ray's direction, ``ray_matrices @ ((W - 1) / 2, (H - 1) / 2, 1)``, mapped to voxel units by the
+    inverse of the affine's linear part; its largest component (summed over the cameras as absolute values) names the
+    axis. Reads ``ray_matrices`` on the host: call it once, at setup.
+
+    Args:
+        affine: ``[4, 4]`` voxel index -> world mm.
+        ray_matrices: ``[B, 3, 3]`` or ``[3, 3]`` (``torchdrr.geometry.camera_ray_parameters``).
+        height, width: the detector's rows and columns (pixels).
+
+    Returns:
+        0 (i), 1 (j) or 2 (k).
+    """
+    matrices, world_to_index = _check_affine_and_matrices(affine, ray_matrices)
+    centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0, 1.0], dtype=torch.float64)
+    directions = matrices @ centre  # [B, 3] world mm
+    in_voxels = (directions @ world_to_index.T).abs().sum(0)
+    return int(in_voxels.argmax())
+
+
+def row_axis(affine: Tensor, ray_matrices: Tensor) -> int:
+    """The index axis the detector's rows run along for these cameras: the best axis to store contiguously for
+    CUDA trilinear renders from them (``with_contiguous_axis``).
+
+    The detector's row direction (increasing u) is the first column of each ray matrix, in world mm a pixel; mapped
+    to voxel units by the inverse of the affine's linear part, its largest component (summed over the cameras as
+    absolute values) names the axis. Reads ``ray_matrices`` on the host: call it once, at setup.
+
+    Args:
+        affine: ``[4, 4]`` voxel index -> world mm.
+        ray_matrices: ``[B, 3, 3]`` or ``[3, 3]`` (``torchdrr.geometry.camera_ray_parameters``).
+
+    Returns:
+        0 (i), 1 (j) or 2 (k).
+    """
+    matrices, world_to_index = _check_affine_and_matrices(affine, ray_matrices)
+    rows = matrices[:, :, 0]  # [B, 3] world mm a pixel
+    in_voxels = (rows @ world_to_index.T).abs().sum(0)  # [3] voxels a pixel along each index axis
+    return int(in_voxels.argmax())
