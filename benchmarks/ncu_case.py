@@ -21,7 +21,7 @@ import torch
 
 from torchdrr.geometry import camera_ray_parameters, carm_extrinsics, intrinsic_matrix
 from torchdrr.io import load_nifti, volume_center
-from torchdrr.ops import camera_raycast
+from torchdrr.ops import camera_raycast, with_contiguous_axis
 from torchdrr.render import hu_to_mu
 
 CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-ct" / "lidc-idri-0001.nii.gz"
@@ -34,8 +34,7 @@ def main(mode: str, layout: str = "k") -> None:
         raise SystemExit(f"layout must be i, j or k (the contiguous index axis), got {layout!r}")
     hu, affine = load_nifti(CT)
     mu = hu_to_mu(hu).cuda().float()
-    order = {"k": (0, 1, 2), "j": (0, 2, 1), "i": (2, 1, 0)}[layout]  # storage order, slowest axis first
-    mu = mu.permute(order).contiguous().permute(order)  # (each order is its own inverse)
+    mu = with_contiguous_axis(mu, "ijk".index(layout))
     isocenter = volume_center(affine, mu.shape).cuda()
     angles = torch.tensor([180.0], dtype=torch.float64, device="cuda")
     rotation, translation = carm_extrinsics(angles, torch.zeros_like(angles), 850.0, isocenter)

@@ -117,6 +117,8 @@ def test_with_contiguous_axis_rejects_bad_axes(axis) -> None:
 def test_contiguous_axis_rejects_non_volumes() -> None:
     with pytest.raises(ValueError, match=r"volume must be an \[I, J, K\] or \[C, I, J, K\] tensor, got \(3, 4\)"):
         contiguous_axis(torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"volume must be an \[I, J, K\] or \[C, I, J, K\] tensor, got list"):
+        with_contiguous_axis([[1.0]], 0)
 
 
 def test_row_axis_follows_the_detector_rows() -> None:
@@ -142,6 +144,8 @@ def test_row_axis_follows_the_detector_rows() -> None:
     assert rows_for(180.0, swapped) == 1
     with pytest.raises(ValueError, match=r"ray_matrices must be \[B, 3, 3\] or \[3, 3\]"):
         row_axis(affine, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"height must be a positive number of pixels, got 0"):
+        ray_axis(affine, torch.eye(3), 0, 10)
 
 
 def test_drr_contiguous_axis_changes_only_the_layout(device) -> None:

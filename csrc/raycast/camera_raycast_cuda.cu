@@ -116,7 +116,7 @@ __device__ __forceinline__ T subpixel_centre(int index, int s) {
 // geometry, make_geometry) is the one the detector's rows run along, so that a warp's neighbouring rays read
 // neighbouring memory; tall tiles (0) otherwise. Why: with the contiguous axis along the rows, tiles 8 wide were
 // fastest; with it along the detector's columns (k for a C-arm) or along the rays, tiles 2 wide (H100, chest CT, AP
-// at 1240 x 960: trilinear with i contiguous 1.92 -> 1.52 ms, the 4-channel walk with j contiguous 1.18 -> 0.95 ms;
+// at 1240 x 960: trilinear with i contiguous 1.76 -> 1.52 ms, the 4-channel walk with j contiguous 1.18 -> 0.95 ms;
 // benchmarks/NOTES.md). The rows' direction is column 0 of the ray matrix (world mm a pixel), here in voxels.
 template <typename T>
 __device__ __forceinline__ int camera_tile_shape(const VolumeGeometry<T>& g, const T* __restrict__ matrices, int b) {
@@ -180,9 +180,9 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 // occupancy; unrolled twice it spills 16 bytes there, and is still faster than with 6 blocks and 38 registers). The
 // one-channel trilinear walk waits on its loads (two thirds of its stall cycles, ncu, H100): 6 blocks (40 registers,
 // 100 bytes of spills) took 1.48 ms at 1240 x 960 (volume stored i fastest) against 1.77 ms with 4 (64 registers),
-// in one process. The trilinear walk of 4 or 8
-// channels needs more than 64 registers (3 blocks: 80), having its clamped and its interior sample loops
-// (trilinear_samples_steps). The others take kForwardMinBlocks. All overridable at build time for tuning.
+// one build each on the same machine. The trilinear walk of 4 or 8 channels needs more than 64 registers (3 blocks:
+// 80), having its clamped and its interior sample loops (trilinear_samples_steps). The others take
+// kForwardMinBlocks. All overridable at build time for tuning.
 #ifndef TORCHDRR_SIDDON_MIN_BLOCKS
 #define TORCHDRR_SIDDON_MIN_BLOCKS 8
 #endif

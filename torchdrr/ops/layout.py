@@ -21,6 +21,12 @@ import torch
 from torch import Tensor
 
 
+def _check_volume(volume: Tensor) -> None:
+    if not isinstance(volume, Tensor) or volume.dim() not in (3, 4):
+        got = tuple(volume.shape) if isinstance(volume, Tensor) else type(volume).__name__
+        raise ValueError(f"volume must be an [I, J, K] or [C, I, J, K] tensor, got {got}")
+
+
 def contiguous_axis(volume: Tensor) -> int:
     """The spatial index axis (0 = i, 1 = j, 2 = k) a volume stores contiguously: the one with the smallest stride
     among those longer than 1 (k when none is).
@@ -28,9 +34,7 @@ def contiguous_axis(volume: Tensor) -> int:
     Args:
         volume: ``[I, J, K]`` or ``[C, I, J, K]``.
     """
-    if not isinstance(volume, Tensor) or volume.dim() not in (3, 4):
-        got = tuple(volume.shape) if isinstance(volume, Tensor) else type(volume).__name__
-        raise ValueError(f"volume must be an [I, J, K] or [C, I, J, K] tensor, got {got}")
+    _check_volume(volume)
     spatial = volume.shape[-3:]
     strides = volume.stride()[-3:]
     best = 2
@@ -55,6 +59,7 @@ def with_contiguous_axis(volume: Tensor, axis: int) -> Tensor:
     Returns:
         A tensor equal to ``volume`` (``torch.equal``) whose ``contiguous_axis`` is ``axis``.
     """
+    _check_volume(volume)
     if isinstance(axis, bool) or not isinstance(axis, int) or axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0 (i), 1 (j) or 2 (k), got {axis!r}")
     channels_last = volume.dim() == 4 and volume.stride(0) == 1 and volume.shape[0] > 1
@@ -84,6 +89,11 @@ def _check_affine_and_matrices(affine: Tensor, ray_matrices: Tensor) -> tuple[Te
     return matrices, torch.linalg.inv(affine.detach().to("cpu", torch.float64)[:3, :3])
 
 
+def _largest_index_axis(directions: Tensor, world_to_index: Tensor) -> int:
+    """The index axis along which world directions ``[B, 3]`` move most, in voxels (absolute values summed over B)."""
+    return int((directions @ world_to_index.T).abs().sum(0).argmax())
+
+
 def ray_axis(affine: Tensor, ray_matrices: Tensor, height: int, width: int) -> int:
     """The index axis the rays of these cameras run along (through the image centre): the best axis to store
     contiguously for CUDA Siddon renders from them (``with_contiguous_axis``).
@@ -100,11 +110,12 @@ def ray_axis(affine: Tensor, ray_matrices: Tensor, height: int, width: int) -> i
     Returns:
         0 (i), 1 (j) or 2 (k).
     """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
     matrices, world_to_index = _check_affine_and_matrices(affine, ray_matrices)
     centre = torch.tensor([(width - 1) / 2.0, (height - 1) / 2.0, 1.0], dtype=torch.float64)
-    directions = matrices @ centre  # [B, 3] world mm
-    in_voxels = (directions @ world_to_index.T).abs().sum(0)
-    return int(in_voxels.argmax())
+    return _largest_index_axis(matrices @ centre, world_to_index)  # the centre rays, world mm
 
 
 def row_axis(affine: Tensor, ray_matrices: Tensor) -> int:
@@ -123,6 +134,4 @@ def row_axis(affine: Tensor, ray_matrices: Tensor) -> int:
         0 (i), 1 (j) or 2 (k).
     """
     matrices, world_to_index = _check_affine_and_matrices(affine, ray_matrices)
-    rows = matrices[:, :, 0]  # [B, 3] world mm a pixel
-    in_voxels = (rows @ world_to_index.T).abs().sum(0)  # [3] voxels a pixel along each index axis
-    return int(in_voxels.argmax())
+    return _largest_index_axis(matrices[:, :, 0], world_to_index)  # the row direction, world mm a pixel
