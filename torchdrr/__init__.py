@@ -7,6 +7,7 @@ volume and to the ray endpoints. See README.md for the conventions.
 __version__ = "0.1.0"
 
 from ._extension import build_info
+from .cuda_graph import cuda_graphed
 from .drr import DRR
 from .errors import FileFormatError, MemoryBudgetError, VolumeFormatError, XRayFormatError
 from .geometry import Camera
@@ -23,5 +24,6 @@ __all__ = [
     "XRayFormatError",
     "__version__",
     "build_info",
+    "cuda_graphed",
     "raycast",
 ]

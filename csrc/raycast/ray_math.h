@@ -760,19 +760,28 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
   // (exact: n < 2^22), so that the loop needs no integer-to-float conversion.
   const int count = static_cast<int>(k_end - k_begin);
   T half_k = T(k_begin) + T(0.5);
-  for (int pair = 0; pair < count / 2; ++pair) {
-    T first[MaxC], second[MaxC];
-    sample(half_k, first);
-    sample(half_k + T(1), second);
+  // TORCHDRR_TRILINEAR_UNROLL samples an iteration (a build-time knob for tuning): 1 and 4 were no faster than 2
+  // on the H100 (session 22, benchmarks/NOTES.md v27).
+#ifndef TORCHDRR_TRILINEAR_UNROLL
+#define TORCHDRR_TRILINEAR_UNROLL 2
+#endif
+  constexpr int kUnroll = TORCHDRR_TRILINEAR_UNROLL;
+  for (int group = 0; group < count / kUnroll; ++group) {
+    T values[kUnroll][MaxC];
 #pragma unroll
-    for (int c = 0; c < MaxC; ++c) acc[c] = (acc[c] + first[c]) + second[c];
-    half_k += T(2);
+    for (int u = 0; u < kUnroll; ++u) sample(half_k + T(u), values[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int c = 0; c < MaxC; ++c) acc[c] += values[u][c];
+    half_k += T(kUnroll);
   }
-  if (count & 1) {
+  for (int rest = 0; rest < count % kUnroll; ++rest) {
     T last[MaxC];
     sample(half_k, last);
 #pragma unroll
     for (int c = 0; c < MaxC; ++c) acc[c] += last[c];
+    half_k += T(1);
   }
 }
 

@@ -22,7 +22,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .._extension import require_kernels_for
+from .._extension import call_below_autograd, require_kernels_for
 
 __all__ = ["carm_ray_parameters"]
 
@@ -225,4 +225,7 @@ def carm_ray_parameters(
         )
         sources, ray_matrices = camera_ray_parameters(intrinsics, rotation, translation, sdd)
         return sources.to(out_dtype), ray_matrices.to(out_dtype)
-    return torch.ops.torchdrr.carm_ray_parameters(angle_tensor, isocenter, intrinsics, sod, sdd, out_dtype)
+    args = (angle_tensor, isocenter, intrinsics, sod, sdd, out_dtype)
+    if torch.is_grad_enabled() and (angle_tensor.requires_grad or isocenter.requires_grad):
+        return torch.ops.torchdrr.carm_ray_parameters(*args)
+    return call_below_autograd(torch.ops.torchdrr.carm_ray_parameters, *args)
