@@ -239,6 +239,49 @@ def test_opcheck(device, isocenter_batched) -> None:
         )
 
 
+@pytest.mark.parametrize("isocenter_batched", [False, True])
+def test_primary_column_form_equals_the_three_angle_form(device, isocenter_batched) -> None:
+    """angles [B, 1] with the secondary and in-plane angles as numbers (what the wrapper passes for float secondary
+    and in-plane angles, with no kernel to stack them) gives the same bits as the [B, 3] form, forward and backward;
+    its angle gradient is the primary column. An expanded (stride 0) column is read through its stride."""
+    angles, isocenter, k, _ = poses(4, 12, isocenter_batched)
+    angles[:, 1], angles[:, 2] = -23.5, 61.25
+    angles, isocenter, k = angles.to(device), isocenter.to(device), k.to(device)
+    column = angles[:, :1].contiguous()
+    for out_dtype in (torch.float64, torch.float32):
+        full = torch.ops.torchdrr.carm_ray_parameters(angles, isocenter, k, SOD, SDD, out_dtype)
+        short = torch.ops.torchdrr.carm_ray_parameters(column, isocenter, k, SOD, SDD, out_dtype, -23.5, 61.25)
+        for a, b in zip(short, full, strict=True):
+            assert torch.equal(a, b)
+        grads = (torch.rand(4, 3, dtype=out_dtype).to(device), torch.rand(4, 3, 3, dtype=out_dtype).to(device))
+        full_angles, full_isocenter = torch.ops.torchdrr.carm_ray_parameters_backward(
+            *grads, angles, isocenter, k, SOD, SDD
+        )
+        short_angles, short_isocenter = torch.ops.torchdrr.carm_ray_parameters_backward(
+            *grads, column, isocenter, k, SOD, SDD, -23.5, 61.25
+        )
+        assert short_angles.shape == (4, 1) and full_angles[:, 0].abs().min() > 0
+        assert torch.equal(short_angles[:, 0], full_angles[:, 0])
+        assert torch.equal(short_isocenter, full_isocenter)
+        torch.library.opcheck(
+            torch.ops.torchdrr.carm_ray_parameters.default, (column, isocenter, k, SOD, SDD, out_dtype, -23.5, 61.25)
+        )
+        torch.library.opcheck(
+            torch.ops.torchdrr.carm_ray_parameters_backward.default,
+            (*grads, column, isocenter, k, SOD, SDD, -23.5, 61.25),
+        )
+    shared = angles[:1, :1].expand(4, 1)  # one primary angle for every pose
+    sources, _ = torch.ops.torchdrr.carm_ray_parameters(shared, isocenter, k, SOD, SDD, F64, -23.5, 61.25)
+    expected, _ = torch.ops.torchdrr.carm_ray_parameters(
+        angles[:1].expand(4, 3).contiguous(), isocenter, k, SOD, SDD, F64
+    )
+    assert torch.equal(sources, expected)
+    with pytest.raises(ValueError, match="secondary_deg and inplane_deg must be finite, got nan and 0"):
+        torch.ops.torchdrr.carm_ray_parameters(column, isocenter, k, SOD, SDD, F64, math.nan, 0.0)
+    with pytest.raises(ValueError, match=r"angles must be \[B, 3\] .* or \[B, 1\] .*got shape \[4, 2\]"):
+        torch.ops.torchdrr.carm_ray_parameters(angles[:, :2], isocenter, k, SOD, SDD, F64)
+
+
 @pytest.mark.parametrize("k_grad", [False, True])
 def test_torch_compile_fullgraph_matches_eager(k_grad) -> None:
     """The wrapper traces into one graph (dynamo, fake kernels, autograd registration), the composite fallback too

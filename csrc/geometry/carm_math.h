@@ -39,8 +39,10 @@ constexpr double kDegreesToRadians = 3.14159265358979323846 / 180.0;
 // isocenter or K between all poses.
 template <typename T>
 struct CarmInputs {
-  const T* angles;         // [B, 3] degrees: primary, secondary, in-plane
+  const T* angles;         // [B, angle_count] degrees: primary, secondary, in-plane (or the primary only)
   int64_t angles_stride[2];
+  int64_t angle_count;     // 3, or 1: secondary and in-plane are fixed_angles for every pose
+  T fixed_angles[2];       // degrees
   const T* isocenter;      // [B, 3] (batch stride 0 for a shared [3]) world mm
   int64_t isocenter_stride[2];
   const T* intrinsics;     // [B, 3, 3] (batch stride 0 for a shared [3, 3]); only the upper triangle is read
@@ -119,7 +121,8 @@ template <typename T>
 TDRR_HD void load_carm_pose(const CarmInputs<T>& in, int64_t b, T angles[3], T isocenter[3], T k_inv[3][3]) {
 #pragma unroll
   for (int i = 0; i < 3; ++i) {
-    angles[i] = in.angles[b * in.angles_stride[0] + i * in.angles_stride[1]];
+    angles[i] = (i == 0 || in.angle_count == 3) ? in.angles[b * in.angles_stride[0] + i * in.angles_stride[1]]
+                                                : in.fixed_angles[i - 1];
     isocenter[i] = in.isocenter[b * in.isocenter_stride[0] + i * in.isocenter_stride[1]];
   }
   const T* k = in.intrinsics + b * in.intrinsics_stride[0];

@@ -14,11 +14,13 @@ namespace torchdrr {
 // format integers must not be instantiated in a .cu object (see raycast/raycast.h for the crash this avoids).
 
 // Checks the forward's contract for direct callers of torch.ops.torchdrr.carm_ray_parameters (the Python wrapper
-// validates user input with friendlier messages first): angles [B, 3], isocenter [3] or [B, 3], intrinsics [3, 3] or
-// [B, 3, 3], all float32 or float64 of one dtype on one device of type `device`; sod_mm and sdd_mm finite and > 0.
-// K's values are not scanned (that would make the host wait for the device); a zero on its diagonal gives inf.
+// validates user input with friendlier messages first): angles [B, 3] or [B, 1] (then secondary_deg and inplane_deg
+// finite), isocenter [3] or [B, 3], intrinsics [3, 3] or [B, 3, 3], all float32 or float64 of one dtype on one
+// device of type `device`; sod_mm and sdd_mm finite and > 0. K's values are not scanned (that would make the host
+// wait for the device); a zero on its diagonal gives inf.
 void check_carm_inputs(const at::Tensor& angles, const at::Tensor& isocenter, const at::Tensor& intrinsics,
-                       double sod_mm, double sdd_mm, c10::DeviceType device);
+                       double sod_mm, double sdd_mm, double secondary_deg, double inplane_deg,
+                       c10::DeviceType device);
 
 // Shared by both ray-parameter ops (carm_ray_parameters and pose_ray_parameters, whose outputs have one layout);
 // `op` prefixes the messages.
@@ -34,11 +36,14 @@ void check_ray_parameters_grads(const char* op, const at::Tensor& grad_sources, 
 // The kernels' strided view of the (checked) inputs; a shared isocenter or K gets batch stride 0.
 template <typename T>
 CarmInputs<T> make_carm_inputs(const at::Tensor& angles, const at::Tensor& isocenter, const at::Tensor& intrinsics,
-                               double sod_mm, double sdd_mm) {
+                               double sod_mm, double sdd_mm, double secondary_deg, double inplane_deg) {
   CarmInputs<T> in;
   in.angles = angles.const_data_ptr<T>();
   in.angles_stride[0] = angles.stride(0);
   in.angles_stride[1] = angles.stride(1);
+  in.angle_count = angles.size(1);
+  in.fixed_angles[0] = static_cast<T>(secondary_deg);
+  in.fixed_angles[1] = static_cast<T>(inplane_deg);
   in.isocenter = isocenter.const_data_ptr<T>();
   const bool shared_isocenter = isocenter.dim() == 1;
   in.isocenter_stride[0] = shared_isocenter ? 0 : isocenter.stride(0);

@@ -16,8 +16,10 @@ constexpr int64_t kPoseGrain = 2048;
 
 std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cpu(const at::Tensor& angles, const at::Tensor& isocenter,
                                                            const at::Tensor& intrinsics, double sod_mm, double sdd_mm,
-                                                           at::ScalarType out_dtype) {
-  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CPU);
+                                                           at::ScalarType out_dtype, double secondary_deg,
+                                                           double inplane_deg) {
+  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, secondary_deg, inplane_deg,
+                    c10::DeviceType::CPU);
   check_ray_parameters_out_dtype("carm_ray_parameters", out_dtype);
   const int64_t batch = angles.size(0);
   const at::TensorOptions options = angles.options().dtype(out_dtype);
@@ -27,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cpu(const at::Tensor& ang
     using T = decltype(in_tag);
     dispatch_carm_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
-      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm);
+      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm,
+                                                        secondary_deg, inplane_deg);
       O* source_out = sources.mutable_data_ptr<O>();
       O* matrix_out = ray_matrices.mutable_data_ptr<O>();
       at::parallel_for(0, batch, kPoseGrain, [&](int64_t begin, int64_t end) {
@@ -43,18 +46,21 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cpu(const at::Te
                                                                     const at::Tensor& angles,
                                                                     const at::Tensor& isocenter,
                                                                     const at::Tensor& intrinsics, double sod_mm,
-                                                                    double sdd_mm) {
-  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CPU);
+                                                                    double sdd_mm, double secondary_deg,
+                                                                    double inplane_deg) {
+  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, secondary_deg, inplane_deg,
+                    c10::DeviceType::CPU);
   check_ray_parameters_grads("carm_ray_parameters", grad_sources, grad_ray_matrices, angles, "the angles'");
   const int64_t batch = angles.size(0);
   const bool shared_isocenter = isocenter.dim() == 1;
-  at::Tensor grad_angles = at::empty({batch, 3}, angles.options());
+  at::Tensor grad_angles = at::empty({batch, angles.size(1)}, angles.options());  // shaped like angles
   at::Tensor grad_isocenter = at::empty(isocenter.sizes(), isocenter.options());
   dispatch_carm_dtype(angles.scalar_type(), [&](auto in_tag) {
     using T = decltype(in_tag);
     dispatch_carm_dtype(grad_sources.scalar_type(), [&](auto grad_tag) {
       using G = decltype(grad_tag);
-      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm);
+      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm,
+                                                        secondary_deg, inplane_deg);
       const CarmGrads<G> grads = make_carm_grads<G>(grad_sources, grad_ray_matrices);
       T* angles_out = grad_angles.mutable_data_ptr<T>();
       T* isocenter_out = grad_isocenter.mutable_data_ptr<T>();
@@ -63,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cpu(const at::Te
           T pose_grad_angles[3], pose_grad_isocenter[3];
           carm_ray_parameters_backward_at(in, grads, b, pose_grad_angles, pose_grad_isocenter);
           for (int i = 0; i < 3; ++i) {
-            angles_out[b * 3 + i] = pose_grad_angles[i];
+            if (i < in.angle_count) angles_out[b * in.angle_count + i] = pose_grad_angles[i];
             if (!shared_isocenter) isocenter_out[b * 3 + i] = pose_grad_isocenter[i];
           }
         }

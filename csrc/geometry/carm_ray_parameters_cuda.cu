@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
     carm_ray_parameters_backward_at(in, grads, b, pose_angles, pose_isocenter);
 #pragma unroll
     for (int i = 0; i < 3; ++i) {
-      grad_angles[b * 3 + i] = pose_angles[i];
+      if (i < in.angle_count) grad_angles[b * in.angle_count + i] = pose_angles[i];
       if (kShared) {
         total[i] += pose_isocenter[i];
       } else {
@@ -75,8 +75,10 @@ unsigned blocks_for(int64_t batch, int threads) { return static_cast<unsigned>((
 
 std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cuda(const at::Tensor& angles, const at::Tensor& isocenter,
                                                             const at::Tensor& intrinsics, double sod_mm, double sdd_mm,
-                                                            at::ScalarType out_dtype) {
-  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CUDA);
+                                                            at::ScalarType out_dtype, double secondary_deg,
+                                                            double inplane_deg) {
+  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, secondary_deg, inplane_deg,
+                    c10::DeviceType::CUDA);
   check_ray_parameters_out_dtype("carm_ray_parameters", out_dtype);
   const c10::cuda::CUDAGuard device_guard(angles.device());
   const int64_t batch = angles.size(0);
@@ -89,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_cuda(const at::Tensor& an
     using T = decltype(in_tag);
     dispatch_carm_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
-      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm);
+      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm,
+                                                        secondary_deg, inplane_deg);
       carm_forward_kernel<T, O><<<blocks_for(batch, kForwardThreads), kForwardThreads, 0, stream>>>(
           in, sources.mutable_data_ptr<O>(), ray_matrices.mutable_data_ptr<O>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -103,13 +106,15 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cuda(const at::T
                                                                      const at::Tensor& angles,
                                                                      const at::Tensor& isocenter,
                                                                      const at::Tensor& intrinsics, double sod_mm,
-                                                                     double sdd_mm) {
-  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, c10::DeviceType::CUDA);
+                                                                     double sdd_mm, double secondary_deg,
+                                                                     double inplane_deg) {
+  check_carm_inputs(angles, isocenter, intrinsics, sod_mm, sdd_mm, secondary_deg, inplane_deg,
+                    c10::DeviceType::CUDA);
   check_ray_parameters_grads("carm_ray_parameters", grad_sources, grad_ray_matrices, angles, "the angles'");
   const c10::cuda::CUDAGuard device_guard(angles.device());
   const int64_t batch = angles.size(0);
   const bool shared_isocenter = isocenter.dim() == 1;
-  at::Tensor grad_angles = at::empty({batch, 3}, angles.options());
+  at::Tensor grad_angles = at::empty({batch, angles.size(1)}, angles.options());  // shaped like angles
   // A shared isocenter's gradient is a sum over the batch: 0 for an empty batch, which launches nothing.
   at::Tensor grad_isocenter = batch == 0 ? at::zeros(isocenter.sizes(), isocenter.options())
                                          : at::empty(isocenter.sizes(), isocenter.options());
@@ -119,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor> carm_ray_parameters_backward_cuda(const at::T
     using T = decltype(in_tag);
     dispatch_carm_dtype(grad_sources.scalar_type(), [&](auto grad_tag) {
       using G = decltype(grad_tag);
-      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm);
+      const CarmInputs<T> in = make_carm_inputs<T>(angles, isocenter, intrinsics, sod_mm, sdd_mm,
+                                                        secondary_deg, inplane_deg);
       const CarmGrads<G> grads = make_carm_grads<G>(grad_sources, grad_ray_matrices);
       T* angles_out = grad_angles.mutable_data_ptr<T>();
       T* isocenter_out = grad_isocenter.mutable_data_ptr<T>();

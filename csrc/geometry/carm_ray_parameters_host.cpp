@@ -14,10 +14,15 @@ bool is_float_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype 
 
 // TORCH_CHECK_VALUE raises ValueError and TORCH_CHECK_TYPE raises TypeError in Python.
 void check_carm_inputs(const at::Tensor& angles, const at::Tensor& isocenter, const at::Tensor& intrinsics,
-                       double sod_mm, double sdd_mm, c10::DeviceType device) {
-  TORCH_CHECK_VALUE(angles.dim() == 2 && angles.size(1) == 3,
-                    "carm_ray_parameters: angles must be [B, 3] (primary, secondary, in-plane degrees), got shape ",
+                       double sod_mm, double sdd_mm, double secondary_deg, double inplane_deg,
+                       c10::DeviceType device) {
+  TORCH_CHECK_VALUE(angles.dim() == 2 && (angles.size(1) == 3 || angles.size(1) == 1),
+                    "carm_ray_parameters: angles must be [B, 3] (primary, secondary, in-plane degrees) or [B, 1] (the "
+                    "primary; secondary_deg and inplane_deg for all), got shape ",
                     angles.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(secondary_deg) && std::isfinite(inplane_deg),
+                    "carm_ray_parameters: secondary_deg and inplane_deg must be finite, got ", secondary_deg, " and ",
+                    inplane_deg);
   const int64_t batch = angles.size(0);
   TORCH_CHECK_VALUE((isocenter.dim() == 1 && isocenter.size(0) == 3) ||
                         (isocenter.dim() == 2 && isocenter.size(0) == batch && isocenter.size(1) == 3),

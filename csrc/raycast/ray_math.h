@@ -51,6 +51,10 @@ struct VolumeGeometry {
   int64_t size[3];          // I, J, K
   int64_t voxel_stride[3];  // element strides of i, j, k
   int64_t channel_stride;   // element stride between channels
+  // Element offset of the voxel farthest from voxel (0, 0, 0): the sum of (size - 1) * stride. Kept here, not
+  // computed per ray, so that the GPU's Siddon loop compares against a kernel parameter (a constant-bank operand)
+  // instead of a register that the 32-register forward spilled and reloaded twice an iteration.
+  int64_t last_offset;
 };
 
 template <typename T>
@@ -340,14 +344,14 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   if (!r.hit) return;
   // 32-bit element offsets (the CUDA ops check that a volume spans fewer than 2^31 elements): a 64-bit multiply
   // or compare is several instructions, and this loop runs once per voxel.
-  int offset = 0, last_offset = 0, offset_step[3];
+  int offset = 0, offset_step[3];
+  const int last_offset = static_cast<int>(g.last_offset);
   T first[3], delta[3], crossed[3], next[3];
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const T x = r.s[a] + r.alpha_min * r.d[a];
     const int idx = static_cast<int>(entry_voxel(x, r.d[a], g.size[a]));
     offset += idx * static_cast<int>(g.voxel_stride[a]);
-    last_offset += static_cast<int>((g.size[a] - 1) * g.voxel_stride[a]);
     const int step = r.d[a] > T(0) ? 1 : (r.d[a] < T(0) ? -1 : 0);
     offset_step[a] = step * static_cast<int>(g.voxel_stride[a]);
     // The next plane crossed on axis a is idx + step / 2 (exact in floating point).

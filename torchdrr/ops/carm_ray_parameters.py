@@ -33,38 +33,42 @@ _NUMBER_TYPES = (float, int, Real)
 
 
 @torch.library.register_fake("torchdrr::carm_ray_parameters")
-def _forward_fake(angles, isocenter, intrinsics, sod_mm, sdd_mm, out_dtype):
+def _forward_fake(angles, isocenter, intrinsics, sod_mm, sdd_mm, out_dtype, secondary_deg=0.0, inplane_deg=0.0):
     batch = angles.shape[0]
     return angles.new_empty((batch, 3), dtype=out_dtype), angles.new_empty((batch, 3, 3), dtype=out_dtype)
 
 
 @torch.library.register_fake("torchdrr::carm_ray_parameters_backward")
-def _backward_fake(grad_sources, grad_ray_matrices, angles, isocenter, intrinsics, sod_mm, sdd_mm):
+def _backward_fake(
+    grad_sources, grad_ray_matrices, angles, isocenter, intrinsics, sod_mm, sdd_mm, secondary_deg=0.0, inplane_deg=0.0
+):
     return angles.new_empty(angles.shape), isocenter.new_empty(isocenter.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    angles, isocenter, intrinsics, sod_mm, sdd_mm, out_dtype = inputs
+    angles, isocenter, intrinsics, sod_mm, sdd_mm, out_dtype, secondary_deg, inplane_deg = inputs
     ctx.save_for_backward(angles, isocenter, intrinsics)
-    ctx.distances = (sod_mm, sdd_mm)
+    ctx.numbers = (sod_mm, sdd_mm, secondary_deg, inplane_deg)
 
 
 def _backward(ctx, grad_sources, grad_ray_matrices):
     angles, isocenter, intrinsics = ctx.saved_tensors
     want_angles, want_isocenter = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (want_angles or want_isocenter):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     # Autograd materialises the gradient of an unused output as zeros; None is handled for callers that do not.
     if grad_sources is None:
         grad_sources = grad_ray_matrices.new_zeros((angles.shape[0], 3))
     if grad_ray_matrices is None:
         grad_ray_matrices = grad_sources.new_zeros((angles.shape[0], 3, 3))
     grad_angles, grad_isocenter = torch.ops.torchdrr.carm_ray_parameters_backward(
-        grad_sources, grad_ray_matrices, angles, isocenter, intrinsics, *ctx.distances
+        grad_sources, grad_ray_matrices, angles, isocenter, intrinsics, *ctx.numbers
     )
     return (
         grad_angles if want_angles else None,
         grad_isocenter if want_isocenter else None,
+        None,
+        None,
         None,
         None,
         None,
@@ -200,6 +204,21 @@ def carm_ray_parameters(
     if intrinsics.dim() == 3 and intrinsics.shape[0] != batch:
         intrinsics = intrinsics.reshape(3, 3)
     intrinsics = intrinsics.to(dtype=compute, device=device)
+    composite_needed = intrinsics.requires_grad or isinstance(sod, Tensor) or isinstance(sdd, Tensor)
+
+    secondary, inplane = angles[1], angles[2]
+    if not isinstance(secondary, Tensor) and not isinstance(inplane, Tensor) and not composite_needed:
+        # Fixed secondary and in-plane angles (the common C-arm sweep): the op takes the primary angles as a [B, 1]
+        # view and the other two as numbers, so that no kernel stacks them (a fill and a stack were two launches, and
+        # their host time, before every render).
+        primary = angles[0]
+        if not isinstance(primary, Tensor):
+            primary = isocenter.new_full((1,), primary)
+        primary_column = (primary if primary.shape[0] == batch else primary.expand(batch)).unsqueeze(1)
+        args = (primary_column, isocenter, intrinsics, sod, sdd, out_dtype, secondary, inplane)
+        if torch.is_grad_enabled() and (primary_column.requires_grad or isocenter.requires_grad):
+            return torch.ops.torchdrr.carm_ray_parameters(*args)
+        return call_below_autograd(torch.ops.torchdrr.carm_ray_parameters, *args)
 
     # The [B, 3] angles in as few launches as possible and without host-to-device copies: one fill per distinct
     # float angle (secondary = in-plane = 0 share one) and one stack of the broadcast views.
@@ -214,7 +233,7 @@ def carm_ray_parameters(
         columns.append(a if a.shape[0] == batch else a.expand(batch))
     angle_tensor = torch.stack(columns, dim=-1)  # [B, 3]
 
-    if intrinsics.requires_grad or isinstance(sod, Tensor) or isinstance(sdd, Tensor):
+    if composite_needed:
         # The op gives K (and the distances) no gradient: the composite path does, at its launch cost. Imported
         # here: torchdrr.geometry re-exports this module's function, so a module-level import would be a cycle.
         from ..geometry.camera import camera_ray_parameters
