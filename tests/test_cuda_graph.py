@@ -1,4 +1,4 @@
-"""torchdrr.cuda_graphed (a render replayed as a CUDA graph) and call_below_autograd (the ops' no-grad fast path)."""
+"""torchdrr.cuda_graphed (a render replayed as a CUDA graph) and call_op (the ops' no-grad fast path)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchdrr
-from torchdrr._extension import call_below_autograd
+from torchdrr._extension import call_op
 from torchdrr.geometry import carm_ray_parameters, intrinsic_matrix
 from torchdrr.ops import camera_raycast
 
@@ -52,14 +52,20 @@ def test_rejects_bad_arguments_by_name() -> None:
         torchdrr.cuda_graphed(render, angles)
 
 
-def test_call_below_autograd_matches_the_op_and_records_nothing() -> None:
+def test_call_op_matches_the_op_and_keeps_autograd_when_needed() -> None:
     volume, affine, isocenter, intrinsics = _scene("cpu")
     angles = torch.tensor([[170.0, 5.0, 0.0]], dtype=torch.float64)
     args = (angles, isocenter, intrinsics, 300.0, 400.0, torch.float64)
     expected = torch.ops.torchdrr.carm_ray_parameters(*args)
-    got = call_below_autograd(torch.ops.torchdrr.carm_ray_parameters, *args)
+    got = call_op(torch.ops.torchdrr.carm_ray_parameters, *args)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # An argument that requires grad takes the autograd kernel (a graph is recorded); under no_grad it does not.
+    with_grad = call_op(torch.ops.torchdrr.carm_ray_parameters, angles.clone().requires_grad_(True), *args[1:])
+    assert all(t.grad_fn is not None for t in with_grad)
+    with torch.no_grad():
+        without = call_op(torch.ops.torchdrr.carm_ray_parameters, angles.clone().requires_grad_(True), *args[1:])
+    assert all(t.grad_fn is None and not t.requires_grad for t in without)
     # Under no_grad a wrapper that takes the fast path gives outputs without history even for inputs that require
     # grad; with grad on they still get a gradient (the wrappers choose the path, not the caller).
     primary = torch.tensor([170.0], dtype=torch.float64, requires_grad=True)

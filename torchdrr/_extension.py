@@ -13,7 +13,7 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
         "`pip install --no-build-isolation -e .` from the repository root (see README.md)."
     ) from error
 
-__all__ = ["build_info", "call_below_autograd", "has_cuda_kernels", "require_kernels_for"]
+__all__ = ["build_info", "call_op", "has_cuda_kernels", "require_kernels_for"]
 
 
 def has_cuda_kernels() -> bool:
@@ -67,16 +67,18 @@ def require_kernels_for(device: torch.device, argument: str) -> None:
     raise ValueError(f"{argument} is on {device}; torchdrr runs on 'cpu' and 'cuda' devices only")
 
 
-def call_below_autograd(op, *args):
-    """Calls the torchdrr op ``op`` past its autograd kernel: for callers that have checked that no input needs a
-    gradient (grad mode off, or no input requires grad), where autograd would record nothing anyway.
+def call_op(op, *args):
+    """Calls the torchdrr op ``op`` on ``args``; past its autograd kernel when no argument needs a gradient (grad mode
+    off, or no tensor argument requires grad), where autograd would record nothing anyway.
 
     Why: the ops' autograd formulas are registered from Python (``torch.library.register_autograd``), so even a
     no-grad call runs a Python autograd kernel that re-enters the dispatcher, about 10 us of host time a call. A
     single GPU render waits for its host's launch work, so that is measurable next to a 1 ms kernel. Under
     ``torch.compile`` the plain call is traced instead.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    ):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

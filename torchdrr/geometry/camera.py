@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .._extension import call_below_autograd
+from .._extension import call_op
 from ..ops.pose_ray_parameters import pose_kernels_available
 from .carm import carm_extrinsics
 from .projection import decompose_projection, project_points, projection_matrix
@@ -174,10 +174,8 @@ def camera_ray_parameters(
         and not sdd_needs_grad
         and pose_kernels_available(rotation.device)
     ):
-        args = (intrinsics, rotation, translation, float(sdd_mm), out_dtype)
-        if torch.is_grad_enabled() and (rotation.requires_grad or translation.requires_grad):
-            return torch.ops.torchdrr.pose_ray_parameters(*args)
-        return call_below_autograd(torch.ops.torchdrr.pose_ray_parameters, *args)
+        return call_op(torch.ops.torchdrr.pose_ray_parameters, intrinsics, rotation, translation, float(sdd_mm),
+                       out_dtype)  # fmt: skip
     # The composite path: K (or a tensor SDD) gets a gradient here, and it runs on devices and dtypes the op has no
     # kernel for. K is upper triangular (a pinhole: design.md §3), so K^-1 is one triangular solve.
     eye = torch.eye(3, dtype=rotation.dtype, device=rotation.device)

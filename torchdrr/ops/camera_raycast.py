@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._extension import call_below_autograd, require_kernels_for
+from .._extension import call_op, require_kernels_for
 from .raycast import RAYCAST_MODES, check_affine_mode_step
 
 __all__ = ["POSE_JACOBIAN_MAX_BYTES", "camera_pixel_grid", "camera_raycast"]
@@ -235,12 +235,10 @@ def camera_raycast(
         volume4, affine, sources.contiguous(), ray_matrices.contiguous(), height, width, supersample,
         RAYCAST_MODES[mode], step_mm,
     )  # fmt: skip
-    if not (torch.is_grad_enabled() and (volume.requires_grad or sources.requires_grad or ray_matrices.requires_grad)):
-        out = call_below_autograd(torch.ops.torchdrr.camera_raycast_forward, *args)
-    elif _uses_pose_jacobian(volume4, sources, ray_matrices, mode, height * width * supersample * supersample):
+    if _uses_pose_jacobian(volume4, sources, ray_matrices, mode, height * width * supersample * supersample):
         out, _ = torch.ops.torchdrr.camera_raycast_forward_jacobian(*args)
     else:
-        out = torch.ops.torchdrr.camera_raycast_forward(*args)
+        out = call_op(torch.ops.torchdrr.camera_raycast_forward, *args)
     return out if volume.dim() == 4 else out.squeeze(-1)
 
 

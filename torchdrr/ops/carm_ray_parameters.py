@@ -22,7 +22,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from .._extension import call_below_autograd, require_kernels_for
+from .._extension import call_op, require_kernels_for
 
 __all__ = ["carm_ray_parameters"]
 
@@ -215,10 +215,8 @@ def carm_ray_parameters(
         if not isinstance(primary, Tensor):
             primary = isocenter.new_full((1,), primary)
         primary_column = (primary if primary.shape[0] == batch else primary.expand(batch)).unsqueeze(1)
-        args = (primary_column, isocenter, intrinsics, sod, sdd, out_dtype, secondary, inplane)
-        if torch.is_grad_enabled() and (primary_column.requires_grad or isocenter.requires_grad):
-            return torch.ops.torchdrr.carm_ray_parameters(*args)
-        return call_below_autograd(torch.ops.torchdrr.carm_ray_parameters, *args)
+        return call_op(torch.ops.torchdrr.carm_ray_parameters, primary_column, isocenter, intrinsics, sod, sdd,
+                       out_dtype, secondary, inplane)  # fmt: skip
 
     # The [B, 3] angles in as few launches as possible and without host-to-device copies: one fill per distinct
     # float angle (secondary = in-plane = 0 share one) and one stack of the broadcast views.
@@ -244,7 +242,4 @@ def carm_ray_parameters(
         )
         sources, ray_matrices = camera_ray_parameters(intrinsics, rotation, translation, sdd)
         return sources.to(out_dtype), ray_matrices.to(out_dtype)
-    args = (angle_tensor, isocenter, intrinsics, sod, sdd, out_dtype)
-    if torch.is_grad_enabled() and (angle_tensor.requires_grad or isocenter.requires_grad):
-        return torch.ops.torchdrr.carm_ray_parameters(*args)
-    return call_below_autograd(torch.ops.torchdrr.carm_ray_parameters, *args)
+    return call_op(torch.ops.torchdrr.carm_ray_parameters, angle_tensor, isocenter, intrinsics, sod, sdd, out_dtype)

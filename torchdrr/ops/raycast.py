@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._extension import call_below_autograd, require_kernels_for
+from .._extension import call_op, require_kernels_for
 
 __all__ = ["raycast", "RAYCAST_MODES"]
 
@@ -163,10 +163,7 @@ def raycast(
     volume4 = volume if volume.dim() == 4 else volume.unsqueeze(0)
     flat_sources = sources.expand(*ray_shape, 3).reshape(-1, 3)
     flat_targets = targets.expand(*ray_shape, 3).reshape(-1, 3)
-    args = (volume4, affine, flat_sources, flat_targets, RAYCAST_MODES[mode], step_mm)
-    if torch.is_grad_enabled() and (volume.requires_grad or sources.requires_grad or targets.requires_grad):
-        out = torch.ops.torchdrr.raycast_forward(*args)
-    else:
-        out = call_below_autograd(torch.ops.torchdrr.raycast_forward, *args)
+    out = call_op(torch.ops.torchdrr.raycast_forward, volume4, affine, flat_sources, flat_targets,
+                  RAYCAST_MODES[mode], step_mm)  # fmt: skip
     out = out.reshape(*ray_shape, volume4.shape[0])
     return out if volume.dim() == 4 else out.squeeze(-1)

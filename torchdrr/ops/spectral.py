@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._extension import call_below_autograd, require_kernels_for
+from .._extension import call_op, require_kernels_for
 
 __all__ = ["MAX_MATERIALS", "MAX_WEIGHT_ROWS", "log_weighted_transmission"]
 
@@ -233,9 +233,6 @@ def log_weighted_transmission(
             raise ValueError(f"weights must be finite and >= 0, got {bad}")
 
     batch_shape = mass_thickness.shape[:-1]
-    args = (mass_thickness.reshape(-1, materials), attenuation, weights, starts)
-    if torch.is_grad_enabled() and (mass_thickness.requires_grad or attenuation.requires_grad or weights.requires_grad):
-        out = torch.ops.torchdrr.log_weighted_transmission_forward(*args)
-    else:
-        out = call_below_autograd(torch.ops.torchdrr.log_weighted_transmission_forward, *args)
+    out = call_op(torch.ops.torchdrr.log_weighted_transmission_forward, mass_thickness.reshape(-1, materials),
+                  attenuation, weights, starts)  # fmt: skip
     return out.reshape(*batch_shape, rows, len(starts) - 1)
