@@ -25,7 +25,7 @@ Cases (``--cases``; the targets are for one H100 at full size):
   memory     peak GPU memory of b1-pose above the resident volume         target <= 128 MB
   poly       DRR module: 3 material channels, 90 kVp polychromatic,       target <= 1.5x the 1-channel render
              no noise, vs the single-channel line integral, 1240 x 960 b1
-  b1-fwd-graph, trilinear-graph: b1-fwd and trilinear replayed as CUDA graphs (``torchdrr.cuda_graphed``: the
+  b1-fwd-graph, trilinear-graph, b8-fwd-graph: those cases replayed as CUDA graphs (``torchdrr.cuda_graphed``: the
              poses copied into the graph's input, one replay, the image cloned out), which removes the 0.1-0.3 ms
              of host work that an eager single render waits for; eager on the CPU
 
@@ -152,11 +152,16 @@ CASES: dict[str, Case] = {
              description="1240x960 b1 forward, Siddon, replayed as a CUDA graph (torchdrr.cuda_graphed)"),
         Case("trilinear-graph", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM, target_ms=1.5, graph=True,
              description="1240x960 b1 forward, trilinear step 0.7 mm, replayed as a CUDA graph"),
+        Case("b8-fwd-graph", 960, 1240, 8, target_ms=6.0, graph=True,
+             description="1240x960 b8 forward, Siddon, replayed as a CUDA graph"),
     )
 }  # fmt: skip
 # Peer rows measured at one case that the torchdrr rows of other cases are compared with (nanodrr's 500 samples and
 # DiffDRR's trilinear renderer are the trilinear comparison; the memory row compares peaks of the pose gradient).
-PEER_SOURCE_CASE = {"trilinear": "b1-fwd", "memory": "b1-pose", "b1-fwd-graph": "b1-fwd", "trilinear-graph": "b1-fwd"}
+PEER_SOURCE_CASE = {
+    "trilinear": "b1-fwd", "memory": "b1-pose", "b1-fwd-graph": "b1-fwd", "trilinear-graph": "b1-fwd",
+    "b8-fwd-graph": "b8-fwd",
+}  # fmt: skip
 TRILINEAR_CASES = ("trilinear", "trilinear-graph")  # compared with the sampling peers only
 
 

@@ -61,6 +61,17 @@ def main() -> None:
             trilinear_volume, affine, pose_sources.detach(), pose_matrices.detach(), 7, 9, mode="trilinear",
             supersample=2,
         )  # fmt: skip
+    # The camera op's no-grad Siddon forward (the visit-first walk, which ends at the first crossing that would leave
+    # the grid instead of testing the offset every voxel), with each index axis stored contiguously: the cameras above
+    # and a grazing one whose rays run along the volume's faces.
+    grazing = torchdrr.Camera.from_carm(
+        90.0, 0.0, centre, sod_mm=200.0, sdd_mm=400.0, height=16, width=16, pixel_spacing_mm=(1.0, 1.0)
+    ).ray_parameters()
+    for axis in range(3):
+        walk_volume = torchdrr.ops.with_contiguous_axis(torch.rand((2, 9, 7, 5), device="cuda"), axis)
+        with torch.no_grad():
+            torchdrr.ops.camera_raycast(walk_volume, affine, pose_sources, pose_matrices, 7, 9, supersample=2)
+            torchdrr.ops.camera_raycast(walk_volume[0], affine, *(t.float() for t in grazing), 16, 16)
     for bins in (40, 4000):  # (M + Q) * E * 4 bytes: 1.6 KB in shared memory, 160 KB read from global memory
         thickness = (4 * torch.rand((1000, 8), device="cuda")).requires_grad_()
         attenuation = torch.rand((8, bins), device="cuda") / 10

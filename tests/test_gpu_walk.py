@@ -86,6 +86,28 @@ def test_gpu_walk_matches_cpu_walk(monkeypatch, pose, affine_name) -> None:
 
 @pytest.mark.parametrize("pose", sorted(POSES))
 @pytest.mark.parametrize("affine_name", sorted(AFFINES))
+def test_gpu_forward_walk_matches_cpu_walk(monkeypatch, pose, affine_name) -> None:
+    """The no-grad forward (the visit-first walk, which ends at the first grid-leaving crossing instead of testing
+    the offset every voxel) against the CPU's runs walk, one channel and two."""
+    volume, affine = volume_and_affine(affine_name, channels=2, seed=3 * len(pose) + len(affine_name))
+    primary, secondary, sod_mm, sdd_mm = POSES[pose]
+    sources, matrices = cameras(primary, secondary, sod_mm, sdd_mm, size=9).ray_parameters()
+    for vol in (volume, volume[0]):
+        images = []
+        for walk in (None, "gpu"):
+            if walk is None:
+                monkeypatch.delenv(WALK_VARIABLE, raising=False)
+            else:
+                monkeypatch.setenv(WALK_VARIABLE, walk)
+            with torch.no_grad():
+                images.append(camera_raycast(vol, affine, sources, matrices, 9, 10))
+        expected, got = images
+        assert int((expected > 0).sum()) > expected.numel() // 3  # most rays cross the volume: the test can fail
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("pose", sorted(POSES))
+@pytest.mark.parametrize("affine_name", sorted(AFFINES))
 @pytest.mark.parametrize("step", [None, 1.3], ids=["default step", "1.3 mm"])
 @pytest.mark.parametrize("layout", ["channels first", "channels last"])
 def test_gpu_trilinear_sampling_matches_cpu(monkeypatch, pose, affine_name, step, layout) -> None:

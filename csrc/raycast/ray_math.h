@@ -29,6 +29,7 @@ namespace torchdrr {
 #if !defined(__CUDA_ARCH__)
 using std::ceil;
 using std::floor;
+using std::fma;
 using std::fmax;
 using std::fmin;
 using std::isfinite;
@@ -52,8 +53,8 @@ struct VolumeGeometry {
   int64_t voxel_stride[3];  // element strides of i, j, k
   int64_t channel_stride;   // element stride between channels
   // Element offset of the voxel farthest from voxel (0, 0, 0): the sum of (size - 1) * stride. Kept here, not
-  // computed per ray, so that the GPU's Siddon loop compares against a kernel parameter (a constant-bank operand)
-  // instead of a register that the 32-register forward spilled and reloaded twice an iteration.
+  // computed per ray, so that the exit-test-first Siddon loop (siddon_steps) compares against a kernel parameter
+  // instead of a register (the 32-register forward spilled that register and reloaded it twice an iteration).
   int64_t last_offset;
 };
 
@@ -338,7 +339,8 @@ TDRR_HD uint64_t ray_locality_key(const ClippedRay<T>& r) {
 // Calls visit.segment(offset, in_range, a0, a1, entry_axis) for each voxel, as siddon_runs' partial(), then
 // visit.finish(). Visitor::kExitTestFirst picks one of two loop shapes that visit the same segments (the faster
 // one differs between visitors). `in_range` is false for a step past the grid (only rounding at the exit face causes
-// one, with a zero-length segment): the visitor must not read that offset.
+// one, with a zero-length segment): the visitor must not read that offset. The visit-first shape ends its walk
+// before any such step (walk_end below), so it always passes true.
 template <typename T, typename Visitor>
 TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Visitor& visit) {
   if (!r.hit) return;
@@ -347,6 +349,7 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   int offset = 0, offset_step[3];
   const int last_offset = static_cast<int>(g.last_offset);
   T first[3], delta[3], crossed[3], next[3];
+  T leave = r.alpha_max;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     const T x = r.s[a] + r.alpha_min * r.d[a];
@@ -362,7 +365,20 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     // at or after the one before it (each is the least of the next planes, and a plane's parameter only grows), so
     // a segment needs no clamp to its start.
     next[a] = fmax(first[a], r.alpha_min);
+    // The crossing that would take the walk out of the grid on this axis (crossing n moves the index from idx + n
+    // step to idx + (n + 1) step), computed exactly as the loop will compute it.
+    if (step != 0) {
+      const int inside = step > 0 ? static_cast<int>(g.size[a]) - 1 - idx : idx;
+      leave = fmin(leave, inside == 0 ? next[a] : fma(T(inside), delta[a], first[a]));
+    }
   }
+  // The walk of the visit-first shape ends at the first of the exit and the crossings that leave the grid: every
+  // crossing before it is of a plane inside the grid (a plane's parameter grows with n), so that loop needs no
+  // offset test per voxel (a kernel-parameter load and a compare: 51 -> 48 SASS instructions for two voxels, b8's
+  // kernel 6.11 -> 5.72 ms on the H100, same call; benchmarks/NOTES.md v29). Where a leaving crossing precedes the
+  // exit (rounding at the exit face), the exit-test-first walk visits the rest as out of range, adding nothing;
+  // ending there adds the same.
+  const T walk_end = fmax(leave, r.alpha_min);
   T alpha = r.alpha_min;
   int entry_axis = r.axis_min;
   // The next crossing: the least of the next planes, and which axis it is on.
@@ -393,7 +409,7 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     if (cross1) crossed[1] += T(1);
     if (third) crossed[2] += T(1);
 #pragma unroll
-    for (int a = 0; a < 3; ++a) next[a] = crossed[a] * delta[a] + first[a];
+    for (int a = 0; a < 3; ++a) next[a] = fma(crossed[a], delta[a], first[a]);
     offset += third ? offset_step[2] : (cross0 ? offset_step[0] : offset_step[1]);
     entry_axis = third ? 2 : (cross0 ? 0 : 1);
   };
@@ -418,10 +434,9 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     // one min instruction (a clamp to the start as well took a second per voxel).
     const auto step = [&]() -> bool {
       const T crossing = next_crossing();
-      const T end = fmin(crossing, r.alpha_max);
-      const bool in_range = in_grid();
-      visit_voxel(in_range, end);
-      if (!(crossing < r.alpha_max) || !in_range) return false;
+      const T end = fmin(crossing, walk_end);
+      visit_voxel(true, end);
+      if (!(crossing < walk_end)) return false;
       alpha = end;
       advance();
       return true;
