@@ -42,14 +42,19 @@ def volume_and_affine(affine_name: str, channels: int, seed: int) -> tuple[torch
     return volume, affine
 
 
-def render_with_grads(
-    monkeypatch, walk: str | None, volume, affine, sources, matrices, size, grad_weights, mode="siddon", step=None
-):
-    """Image, volume gradient and pose gradients of sum(image * grad_weights) with the given CPU walk."""
+def set_walk(monkeypatch, walk: str | None) -> None:
+    """Sets TORCHDRR_CPU_WALK for the test (None: unset, the CPU's own walk)."""
     if walk is None:
         monkeypatch.delenv(WALK_VARIABLE, raising=False)
     else:
         monkeypatch.setenv(WALK_VARIABLE, walk)
+
+
+def render_with_grads(
+    monkeypatch, walk: str | None, volume, affine, sources, matrices, size, grad_weights, mode="siddon", step=None
+):
+    """Image, volume gradient and pose gradients of sum(image * grad_weights) with the given CPU walk."""
+    set_walk(monkeypatch, walk)
     volume = volume.clone().requires_grad_(True)
     sources = sources.clone().requires_grad_(True)
     matrices = matrices.clone().requires_grad_(True)
@@ -95,10 +100,7 @@ def test_gpu_forward_walk_matches_cpu_walk(monkeypatch, pose, affine_name) -> No
     for vol in (volume, volume[0]):
         images = []
         for walk in (None, "gpu"):
-            if walk is None:
-                monkeypatch.delenv(WALK_VARIABLE, raising=False)
-            else:
-                monkeypatch.setenv(WALK_VARIABLE, walk)
+            set_walk(monkeypatch, walk)
             with torch.no_grad():
                 images.append(camera_raycast(vol, affine, sources, matrices, 9, 10))
         expected, got = images
@@ -153,10 +155,7 @@ def test_per_ray_op_uses_the_switch_too(monkeypatch) -> None:
     sources, targets = cameras(*POSES["lateral"], size=6).rays()
     results = []
     for walk in (None, "gpu"):
-        if walk is None:
-            monkeypatch.delenv(WALK_VARIABLE, raising=False)
-        else:
-            monkeypatch.setenv(WALK_VARIABLE, walk)
+        set_walk(monkeypatch, walk)
         results.append(torchdrr.raycast(volume, affine, sources, targets))
     assert float(results[0].abs().max()) > 0
     torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
