@@ -76,9 +76,12 @@ def call_op(op, *args):
     single GPU render waits for its host's launch work, so that is measurable next to a 1 ms kernel. Under
     ``torch.compile`` the plain call is traced instead.
     """
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    ):
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
+    if torch.compiler.is_compiling():
         return op(*args)
+    with _BelowAutograd():
+        return op(*args)
+
+
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd

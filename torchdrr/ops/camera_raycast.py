@@ -156,6 +156,8 @@ def _uses_pose_jacobian(volume4: Tensor, sources: Tensor, ray_matrices: Tensor, 
 
 
 def _positive_int(name: str, value: object) -> int:
+    if type(value) is int and value >= 1:  # the common case, checked first: this runs every render
+        return value
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     return int(value)

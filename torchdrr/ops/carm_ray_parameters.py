@@ -82,6 +82,8 @@ torch.library.register_autograd("torchdrr::carm_ray_parameters", _backward, setu
 def _distance(name: str, value: object, why: str = "") -> float | Tensor:
     """A positive finite distance in mm: a Python number, or a 0-d tensor (kept as a tensor when it needs a
     gradient, for the composite path)."""
+    if type(value) is float and 0.0 < value < math.inf:  # the common case, checked first: this runs every render
+        return value
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be one distance in mm, got a tensor of shape {tuple(value.shape)}")
@@ -101,13 +103,16 @@ def _distance(name: str, value: object, why: str = "") -> float | Tensor:
 
 def _angle(name: str, value: object, dtype: torch.dtype, device: torch.device) -> Tensor | float:
     """One angle argument: a ``[B]`` (or 0-d) real tensor cast to the compute dtype and device, or a finite float."""
+    if type(value) is float and math.isfinite(value):  # the common case, checked first: this runs every render
+        return value
     if isinstance(value, Tensor):
         if value.dim() > 1:
             raise ValueError(f"{name} must be a scalar or a [B] tensor of angles in degrees, got shape "
                              f"{tuple(value.shape)}")  # fmt: skip
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must hold real angles in degrees, got dtype {value.dtype}")
-        value = value.to(dtype=dtype, device=device)
+        if value.dtype != dtype or value.device != device:
+            value = value.to(dtype=dtype, device=device)
         return value.reshape(1) if value.dim() == 0 else value
     if isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool):
         number = float(value)
@@ -203,7 +208,8 @@ def carm_ray_parameters(
         isocenter = isocenter.reshape(3)  # [1, 3] shared by a larger batch
     if intrinsics.dim() == 3 and intrinsics.shape[0] != batch:
         intrinsics = intrinsics.reshape(3, 3)
-    intrinsics = intrinsics.to(dtype=compute, device=device)
+    if intrinsics.dtype != compute or intrinsics.device != device:
+        intrinsics = intrinsics.to(dtype=compute, device=device)
     composite_needed = intrinsics.requires_grad or isinstance(sod, Tensor) or isinstance(sdd, Tensor)
 
     secondary, inplane = angles[1], angles[2]

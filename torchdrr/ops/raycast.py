@@ -84,22 +84,33 @@ def _check_tensor(name: str, value: object) -> Tensor:
 def check_affine_mode_step(affine: Tensor | np.ndarray, mode: str, step: float | None) -> tuple[Tensor, float]:
     """Validates the arguments the ray-casting ops share. Returns the affine as the ``[4, 4]`` float64 CPU tensor
     the kernels read (they check its finiteness and invertibility) and the step in mm (0: the kernel's default)."""
-    if isinstance(affine, np.ndarray):
-        affine = torch.from_numpy(affine)
-    affine = _check_tensor("affine", affine)
-    if tuple(affine.shape) != (4, 4):
-        raise ValueError(f"affine must be [4, 4], got shape {tuple(affine.shape)}")
-    if not affine.is_floating_point():
-        raise TypeError(f"affine must be a floating-point tensor, got {affine.dtype}")
+    # The common case first (this runs every render): a [4, 4] float64 CPU tensor that needs no gradient is what the
+    # kernels read, as it is.
+    ready = (
+        type(affine) is Tensor
+        and affine.dtype == torch.float64
+        and affine.shape == (4, 4)
+        and not affine.requires_grad
+        and affine.device.type == "cpu"
+    )
+    if not ready:
+        if isinstance(affine, np.ndarray):
+            affine = torch.from_numpy(affine)
+        affine = _check_tensor("affine", affine)
+        if tuple(affine.shape) != (4, 4):
+            raise ValueError(f"affine must be [4, 4], got shape {tuple(affine.shape)}")
+        if not affine.is_floating_point():
+            raise TypeError(f"affine must be a floating-point tensor, got {affine.dtype}")
+        affine = affine.detach().to(device="cpu", dtype=torch.float64)
     if mode not in RAYCAST_MODES:
         raise ValueError(f"mode must be one of {sorted(RAYCAST_MODES)}, got {mode!r}")
     if step is None:
-        return affine.detach().to(device="cpu", dtype=torch.float64), 0.0  # the kernel: half the smallest spacing
+        return affine, 0.0  # the kernel: half the smallest spacing
     if mode != "trilinear":
         raise ValueError(f"step applies to mode='trilinear' only, got step={step!r} with mode={mode!r}")
     if isinstance(step, bool) or not isinstance(step, Real) or not math.isfinite(step) or step <= 0:
         raise ValueError(f"step must be a positive number of mm, got {step!r}")
-    return affine.detach().to(device="cpu", dtype=torch.float64), float(step)
+    return affine, float(step)
 
 
 def raycast(
