@@ -26,8 +26,8 @@ Cases (``--cases``; the targets are for one H100 at full size):
   poly       DRR module: 3 material channels, 90 kVp polychromatic,       target <= 1.5x the 1-channel render
              no noise, vs the single-channel line integral, 1240 x 960 b1
   b1-fwd-graph, trilinear-graph, b8-fwd-graph: those cases replayed as CUDA graphs (``torchdrr.cuda_graphed``: the
-             poses copied into the graph's input, one replay, the image cloned out), which removes the 0.1-0.3 ms
-             of host work that an eager single render waits for; eager on the CPU
+             poses copied into the graph's input, one replay, the image cloned out), which removes most of the
+             0.07-0.23 ms of host work that an eager single render waits for; eager on the CPU
 
 Peers (unless ``--no-peers``; they need nanodrr and diffdrr importable in this interpreter, as on the GPU machine):
 nanodrr with backend "auto" (Triton on CUDA) and its default 500 samples a ray at b1-fwd (also the trilinear
@@ -236,7 +236,7 @@ def fast_layouts(volume: Tensor, affine: Tensor) -> dict[str, Tensor]:
     """``volume`` stored for the fastest CUDA renders of the AP view (``torchdrr.ops.layout``; copies, same values):
     "rays", the index axis along the rays contiguous (Siddon at 1240 x 960, where neighbouring rays are 0.36 voxels
     apart), and "rows", the one along the detector's rows (trilinear, and Siddon at 200 x 200, whose rays are 2.2
-    voxels apart: 25.4k against 19.5k DRR/s with "rays", benchmarks/NOTES.md v26)."""
+    voxels apart: 28,961 against 22,579 DRR/s with "rays", benchmarks/NOTES.md v26c)."""
     isocenter = volume_center(affine, volume.shape[-3:]).to(volume.device)
     _, ray_matrices = carm_ray_parameters(
         poses(1).to(volume.device), 0.0, SOD_MM, isocenter, intrinsics_for(960, 1240, volume.device), SDD_MM,

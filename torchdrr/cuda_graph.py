@@ -1,12 +1,12 @@
 """Replaying a no-grad render as a CUDA graph: ``cuda_graphed``.
 
-A single GPU render of a 1240 x 960 image is a ~1 ms kernel, and eager PyTorch spends 0.1-0.3 ms of host time
-before it starts (Python argument checks, the C-arm ray-parameter op, tensor allocations, kernel launches), time in
-which the GPU waits (benchmarks/NOTES.md). A CUDA graph records the launches once and replays them with one call, so
-a render that is repeated with new poses (a training loop, on-the-fly augmentation, a sweep of views) costs the
-kernels plus a few microseconds. ``torch.cuda.CUDAGraph`` does the capture; this module adds what a render needs
-around it: static input buffers the new poses are copied into, a warm-up on a side stream, checks with clear errors,
-and outputs that are not overwritten by the next replay unless asked.
+A single GPU render of a 1240 x 960 image is a ~1 ms kernel, and eager PyTorch spends 0.07-0.23 ms of host time
+(H100 machines, benchmarks/RESULTS.md) before it starts (Python argument checks, the C-arm ray-parameter op, tensor
+allocations, kernel launches), time in which the GPU waits. A CUDA graph records the launches once and replays
+them with one call, so a render that is repeated with new poses (a training loop, on-the-fly augmentation, a sweep
+of views) costs the kernels plus a few microseconds. ``torch.cuda.CUDAGraph`` does the capture; this module adds
+what a render needs around it: static input buffers the new poses are copied into, a warm-up on a side stream,
+checks with clear errors, and outputs that are not overwritten by the next replay unless asked.
 
 For gradients, capture forward and backward together with ``torch.cuda.make_graphed_callables``, or use
 ``torchdrr.registration.register(cuda_graph=True)``, which graphs a whole optimisation step.

@@ -181,9 +181,9 @@ __device__ __forceinline__ const T* opaque(const T* p) {
 // one-channel trilinear walk waits on its loads (two thirds of its stall cycles, ncu, H100): 6 blocks (40 registers,
 // 100 bytes of spills) took 1.48 ms at 1240 x 960 (volume stored i fastest) against 1.77 ms with 4 (64 registers),
 // one build each on the same machine; 7 (which ptxas fits in 32 registers, so 8 blocks are resident, 136 bytes of
-// spills) took 1.47 ms against 1.57 with 6 in one call (session 22, benchmarks/NOTES.md v27). The trilinear walk of 4 or 8 channels needs more than 64 registers (3 blocks:
-// 80), having its clamped and its interior sample loops (trilinear_samples_steps). The others take
-// kForwardMinBlocks. All overridable at build time for tuning.
+// spills) took 1.47 ms against 1.57 with 6 in one call (session 22, benchmarks/NOTES.md v27). The trilinear walk of
+// 4 or 8 channels needs more than 64 registers (3 blocks: 80), having its clamped and its interior sample loops
+// (trilinear_samples_steps). The others take kForwardMinBlocks. All overridable at build time for tuning.
 #ifndef TORCHDRR_SIDDON_MIN_BLOCKS
 #define TORCHDRR_SIDDON_MIN_BLOCKS 8
 #endif

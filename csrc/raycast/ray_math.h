@@ -52,10 +52,6 @@ struct VolumeGeometry {
   int64_t size[3];          // I, J, K
   int64_t voxel_stride[3];  // element strides of i, j, k
   int64_t channel_stride;   // element stride between channels
-  // Element offset of the voxel farthest from voxel (0, 0, 0): the sum of (size - 1) * stride. Kept here, not
-  // computed per ray, so that the exit-test-first Siddon loop (siddon_steps) compares against a kernel parameter
-  // instead of a register (the 32-register forward spilled that register and reloaded it twice an iteration).
-  int64_t last_offset;
 };
 
 template <typename T>
@@ -346,8 +342,7 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
   if (!r.hit) return;
   // 32-bit element offsets (the CUDA ops check that a volume spans fewer than 2^31 elements): a 64-bit multiply
   // or compare is several instructions, and this loop runs once per voxel.
-  int offset = 0, offset_step[3];
-  const int last_offset = static_cast<int>(g.last_offset);
+  int offset = 0, last_offset = 0, offset_step[3];
   T first[3], delta[3], crossed[3], next[3];
   T leave = r.alpha_max;
 #pragma unroll
@@ -355,6 +350,7 @@ TDRR_HD void siddon_steps(const VolumeGeometry<T>& g, const ClippedRay<T>& r, Vi
     const T x = r.s[a] + r.alpha_min * r.d[a];
     const int idx = static_cast<int>(entry_voxel(x, r.d[a], g.size[a]));
     offset += idx * static_cast<int>(g.voxel_stride[a]);
+    last_offset += static_cast<int>((g.size[a] - 1) * g.voxel_stride[a]);
     const int step = r.d[a] > T(0) ? 1 : (r.d[a] < T(0) ? -1 : 0);
     offset_step[a] = step * static_cast<int>(g.voxel_stride[a]);
     // The next plane crossed on axis a is idx + step / 2 (exact in floating point).
@@ -779,28 +775,20 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
   // (exact: n < 2^22), so that the loop needs no integer-to-float conversion.
   const int count = static_cast<int>(k_end - k_begin);
   T half_k = T(k_begin) + T(0.5);
-  // TORCHDRR_TRILINEAR_UNROLL samples an iteration (a build-time knob for tuning): 1 and 4 were no faster than 2
-  // on the H100 (session 22, benchmarks/NOTES.md v27).
-#ifndef TORCHDRR_TRILINEAR_UNROLL
-#define TORCHDRR_TRILINEAR_UNROLL 2
-#endif
-  constexpr int kUnroll = TORCHDRR_TRILINEAR_UNROLL;
-  for (int group = 0; group < count / kUnroll; ++group) {
-    T values[kUnroll][MaxC];
+  // (One sample an iteration at 8 blocks, and four at 5, were no faster on the H100: benchmarks/NOTES.md v27.)
+  for (int pair = 0; pair < count / 2; ++pair) {
+    T first[MaxC], second[MaxC];
+    sample(half_k, first);
+    sample(half_k + T(1), second);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) sample(half_k + T(u), values[u]);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-      for (int c = 0; c < MaxC; ++c) acc[c] += values[u][c];
-    half_k += T(kUnroll);
+    for (int c = 0; c < MaxC; ++c) acc[c] = (acc[c] + first[c]) + second[c];
+    half_k += T(2);
   }
-  for (int rest = 0; rest < count % kUnroll; ++rest) {
+  if (count & 1) {
     T last[MaxC];
     sample(half_k, last);
 #pragma unroll
     for (int c = 0; c < MaxC; ++c) acc[c] += last[c];
-    half_k += T(1);
   }
 }
 

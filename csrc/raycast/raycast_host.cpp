@@ -88,8 +88,6 @@ VolumeGeometry<T> make_geometry(const at::Tensor& volume, const at::Tensor& affi
     std::swap(g.size[contiguous], g.size[2]);
     std::swap(g.voxel_stride[contiguous], g.voxel_stride[2]);
   }
-  g.last_offset = 0;
-  for (int r = 0; r < 3; ++r) g.last_offset += (g.size[r] - 1) * g.voxel_stride[r];
   return g;
 }
 
