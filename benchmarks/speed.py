@@ -22,6 +22,9 @@ Cases (``--cases``; the targets are for one H100 at full size):
   b8-fwd     1240 x 960, batch 8, forward, Siddon                         target <= 6 ms
   b64-small  200 x 200, batch 64, forward, Siddon (throughput)            target >= 20,000 DRR/s
   trilinear  1240 x 960, batch 1, forward, trilinear, step 0.7 mm         target <= 1.5 ms
+             (reading the volume's voxel quads, ``torchdrr.ops.trilinear_quads``: 2 loads a sample instead of 8,
+             the same image to the bit, 4x the volume's memory, built once before timing)
+  trilinear-plain  the same, reading the volume itself (no quads)          reported, no target
   memory     peak GPU memory of b1-pose above the resident volume         target <= 128 MB
   poly       DRR module: 3 material channels, 90 kVp polychromatic,       target <= 1.5x the 1-channel render
              no noise, vs the single-channel line integral, 1240 x 960 b1
@@ -73,7 +76,7 @@ from torch import Tensor
 import torchdrr
 from torchdrr.geometry import Camera, carm_ray_parameters, intrinsic_matrix
 from torchdrr.io import bundled_ct_path, load_nifti, volume_center
-from torchdrr.ops import camera_raycast, contiguous_axis, ray_axis, row_axis, with_contiguous_axis
+from torchdrr.ops import camera_raycast, contiguous_axis, ray_axis, row_axis, trilinear_quads, with_contiguous_axis
 from torchdrr.render import hu_to_mu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +109,7 @@ class Case:
     description: str = ""
     graph: bool = False  # replayed as a CUDA graph (torchdrr.cuda_graphed) on CUDA; eager on the CPU
     layout: str | None = None  # fast_layouts key of the volume: "rays" or "rows" (default: by mode)
+    quads: bool = False  # trilinear: read the volume's voxel quads (torchdrr.ops.trilinear_quads)
 
     @property
     def volume_key(self) -> str:
@@ -144,14 +148,17 @@ CASES: dict[str, Case] = {
         Case("b8-fwd", 960, 1240, 8, target_ms=6.0, peers=("nanodrr",), description="1240x960 b8 forward, Siddon"),
         Case("b64-small", 200, 200, 64, target_drr_per_s=20000.0, peers=ALL_PEERS, layout="rows",
              description="200x200 b64 forward, Siddon (throughput)"),
-        Case("trilinear", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM, target_ms=1.5,
-             description="1240x960 b1 forward, trilinear step 0.7 mm"),
+        Case("trilinear", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM, target_ms=1.5, quads=True,
+             description="1240x960 b1 forward, trilinear step 0.7 mm (voxel quads)"),
+        Case("trilinear-plain", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM,
+             description="1240x960 b1 forward, trilinear step 0.7 mm, reading the volume (no quads)"),
         Case("memory", 960, 1240, 1, grad="pose", description="peak memory of 1240x960 b1 forward + backward to pose"),
         Case("poly", 960, 1240, 1, description="3-material 90 kVp DRR vs the 1-channel line integral, 1240x960 b1"),
         Case("b1-fwd-graph", 960, 1240, 1, target_ms=1.0, graph=True,
              description="1240x960 b1 forward, Siddon, replayed as a CUDA graph (torchdrr.cuda_graphed)"),
         Case("trilinear-graph", 960, 1240, 1, mode="trilinear", step=TRILINEAR_STEP_MM, target_ms=1.5, graph=True,
-             description="1240x960 b1 forward, trilinear step 0.7 mm, replayed as a CUDA graph"),
+             quads=True, description="1240x960 b1 forward, trilinear step 0.7 mm (voxel quads), replayed as a CUDA "
+             "graph"),
         Case("b8-fwd-graph", 960, 1240, 8, target_ms=6.0, graph=True,
              description="1240x960 b8 forward, Siddon, replayed as a CUDA graph"),
     )
@@ -159,10 +166,10 @@ CASES: dict[str, Case] = {
 # Peer rows measured at one case that the torchdrr rows of other cases are compared with (nanodrr's 500 samples and
 # DiffDRR's trilinear renderer are the trilinear comparison; the memory row compares peaks of the pose gradient).
 PEER_SOURCE_CASE = {
-    "trilinear": "b1-fwd", "memory": "b1-pose", "b1-fwd-graph": "b1-fwd", "trilinear-graph": "b1-fwd",
-    "b8-fwd-graph": "b8-fwd",
+    "trilinear": "b1-fwd", "trilinear-plain": "b1-fwd", "memory": "b1-pose", "b1-fwd-graph": "b1-fwd",
+    "trilinear-graph": "b1-fwd", "b8-fwd-graph": "b8-fwd",
 }  # fmt: skip
-TRILINEAR_CASES = ("trilinear", "trilinear-graph")  # compared with the sampling peers only
+TRILINEAR_CASES = ("trilinear", "trilinear-plain", "trilinear-graph")  # compared with the sampling peers only
 
 
 @dataclass
@@ -223,13 +230,14 @@ def render(
     width: int,
     mode: str = "siddon",
     step: float | None = None,
+    quads: Tensor | None = None,
 ) -> Tensor:
     """Full render: C-arm pose (float64) -> ray parameters in ``mu``'s dtype (one ``carm_ray_parameters`` launch)
-    -> one ``camera_raycast`` -> ``[B, H * W]``."""
+    -> one ``camera_raycast`` (reading ``quads``, ``trilinear_quads(mu)``, when given) -> ``[B, H * W]``."""
     sources, ray_matrices = carm_ray_parameters(
         primary, 0.0, SOD_MM, isocenter, intrinsics_for(height, width, mu.device), SDD_MM, dtype=mu.dtype
     )
-    return camera_raycast(mu, affine, sources, ray_matrices, height, width, mode=mode, step=step)
+    return camera_raycast(mu, affine, sources, ray_matrices, height, width, mode=mode, step=step, quads=quads)
 
 
 def fast_layouts(volume: Tensor, affine: Tensor) -> dict[str, Tensor]:
@@ -274,9 +282,14 @@ def time_fn(
     return samples, peak
 
 
-def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case) -> Callable[[], object]:
-    """One full torchdrr render of ``case`` (with its backward pass, if any), as a closure."""
+def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case, quads: Tensor | None = None) -> Callable[[], object]:
+    """One full torchdrr render of ``case`` (with its backward pass, if any), as a closure. ``quads``
+    (``trilinear_quads(mu)``) are read by the cases that ask for them (``Case.quads``); made here when not given."""
     device = mu.device
+    if not case.quads:
+        quads = None
+    elif quads is None:
+        quads = trilinear_quads(mu)
     isocenter = volume_center(affine, mu.shape).to(device)
     primary = poses(case.batch).to(device)
     if case.graph and device.type == "cuda":
@@ -284,7 +297,7 @@ def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case) -> Callable[[], o
             raise ValueError(f"case {case.name}: CUDA graph cases are forward only")
 
         def render_angles(angles: Tensor) -> Tensor:
-            return render(mu, affine, isocenter, angles, case.height, case.width, case.mode, case.step)
+            return render(mu, affine, isocenter, angles, case.height, case.width, case.mode, case.step, quads)
 
         replay = torchdrr.cuda_graphed(render_angles, primary)
 
@@ -295,7 +308,7 @@ def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case) -> Callable[[], o
 
         def once() -> object:
             with torch.no_grad():
-                return render(mu, affine, isocenter, primary, case.height, case.width, case.mode, case.step)
+                return render(mu, affine, isocenter, primary, case.height, case.width, case.mode, case.step, quads)
 
     elif case.grad == "pose":
 
@@ -588,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             header.append(f"peers: {', '.join(f'{k} {v}' for k, v in peer_versions().items())}")
     peer_cache: dict = {}
+    quads: dict[str, Tensor] = {}  # trilinear_quads of volumes[key], for the cases that read them
     comparable = cuda and not args.small
     rows: list[Row] = []
     results: dict[str, Row] = {}  # torchdrr's row of each case, by case name
@@ -631,12 +645,14 @@ def main(argv: list[str] | None = None) -> int:
             row = Row(name, source.renderer, case.height, case.width, case.batch, case.pass_, source.median_ms,
                       source.min_ms, source.peak_mb, source.samples_ms, note="the b1-pose measurement")  # fmt: skip
         else:
-            renderer = f"torchdrr {case.mode}"
+            renderer = f"torchdrr {case.mode}" + (", voxel quads" if case.quads else "")
             if case.graph:
                 renderer += ", CUDA graph" if cuda else " (eager: CUDA graphs need a GPU)"
             row = Row(name, renderer, case.height, case.width, case.batch, case.pass_)
             try:
-                fn = torchdrr_render_fn(volumes[case.volume_key], affine, case)
+                if case.quads and case.volume_key not in quads:  # built once, before any timing
+                    quads[case.volume_key] = trilinear_quads(volumes[case.volume_key])
+                fn = torchdrr_render_fn(volumes[case.volume_key], affine, case, quads.get(case.volume_key))
                 row.samples_ms, row.peak_mb = time_fn(fn, device, repeats, warmup)
                 row.median_ms, row.min_ms = statistics.median(row.samples_ms), min(row.samples_ms)
                 if case.step is not None:
@@ -657,7 +673,9 @@ def main(argv: list[str] | None = None) -> int:
             source_case = PEER_SOURCE_CASE.get(name)
             if source_case is not None and source_case not in args.cases and not case.graph:
                 # the comparison rows come from another case that is not being run: measure them here
-                wanted = [p for p in CASES[source_case].peers if not (name == "trilinear" and p == "diffdrr-siddon")]
+                wanted = [
+                    p for p in CASES[source_case].peers if not (name in TRILINEAR_CASES and p == "diffdrr-siddon")
+                ]
                 case = CASES[source_case].scaled(args.small)
             for peer_name in wanted:
                 add(run_peer(run_peers, peer_name, case, ct, device, repeats, warmup, peer_cache))

@@ -27,9 +27,11 @@ TORCH_LIBRARY(torchdrr, m) {
   // Integrals along the pixel rays of B pinhole cameras: ray (b, pixel at image coordinates (u, v)) runs from
   // sources[b] ([B, 3] world mm) to sources[b] + ray_matrices[b] @ (u, v, 1) ([B, 3, 3]), over an H x W detector
   // with s x s sub-pixel rays per pixel. Returns [B, H * W * s * s, C] (rows, columns, sub-rows, sub-columns).
+  // quads (trilinear, one float32 channel): the volume's voxel quads (ray_math.h, VoxelQuad), which the GPU's
+  // interior samples read instead of the volume; the same image either way. The CPU checks and ignores them.
   m.def(
       "camera_raycast_forward(Tensor volume, Tensor affine, Tensor sources, Tensor ray_matrices, int height, "
-      "int width, int supersample, int mode, float step) -> Tensor");
+      "int width, int supersample, int mode, float step, Tensor? quads=None) -> Tensor");
   // Gradients of camera_raycast_forward given dLoss/dout [B, R, C]: (grad_volume, grad_sources [B, 3],
   // grad_ray_matrices [B, 3, 3]); the pose gradients are summed over each camera's rays inside the kernel.
   m.def(

@@ -1,9 +1,9 @@
 """A small CUDA forward + backward of both raycast modes, multi-channel and with rays starting inside and missing the
 volume; the packed channels-last forward (4 and 8 channels); log_weighted_transmission with its tables in shared
 memory and in global memory (ray counts that are not a multiple of the block size), with one weight table or one per
-image; a full-physics DRR with its backward; the camera op's pose Jacobian route and its trilinear walk. Run under
-`compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory); the spectral part is also
-worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
+image; a full-physics DRR with its backward; the camera op's pose Jacobian route and its trilinear walk (also from
+voxel quads). Run under `compute-sanitizer --tool memcheck` (out-of-bounds reads and writes, uninitialised memory);
+the spectral part is also worth `--tool racecheck` / `--tool synccheck` (shared-memory staging).
 
 Not collected by pytest; benchmarks/gpu_session.sh runs it on the lent GPU.
 """
@@ -60,6 +60,13 @@ def main() -> None:
         torchdrr.ops.camera_raycast(
             trilinear_volume, affine, pose_sources.detach(), pose_matrices.detach(), 7, 9, mode="trilinear",
             supersample=2,
+        )  # fmt: skip
+    # The trilinear walk reading voxel quads (two 16-byte loads a sample) in every layout, with the cameras above.
+    for axis in range(3):
+        quad_volume = torchdrr.ops.with_contiguous_axis(torch.rand((16, 14, 12), device="cuda"), axis)
+        torchdrr.ops.camera_raycast(
+            quad_volume, affine, pose_sources.detach(), pose_matrices.detach(), 7, 9, mode="trilinear",
+            supersample=2, quads=torchdrr.ops.trilinear_quads(quad_volume),
         )  # fmt: skip
     # The camera op's no-grad Siddon forward (the visit-first walk, which ends at the first crossing that would leave
     # the grid instead of testing the offset every voxel), with each index axis stored contiguously: the cameras above

@@ -36,6 +36,7 @@ def render_line_integrals(
     mode: str = "siddon",
     step: float | None = None,
     supersample: int = 1,
+    quads: Tensor | None = None,
 ) -> Tensor:
     """Line integrals of ``mu`` seen by ``camera``.
 
@@ -48,6 +49,8 @@ def render_line_integrals(
         step: trilinear step in mm.
         supersample: ``s x s`` rays per pixel whose line integrals are averaged (the calibrated physics averages
             intensities instead).
+        quads: trilinear only, ``torchdrr.ops.trilinear_quads(mu)`` for faster GPU renders of a one-channel
+            float32 ``mu`` (see ``torchdrr.ops.camera_raycast``).
 
     Returns:
         ``[B, C, H, W]`` dimensionless line integrals ``-log(I / I0)`` (C = 1 for a 3D ``mu``) in ``mu``'s dtype and
@@ -61,7 +64,7 @@ def render_line_integrals(
     sources, ray_matrices = camera.ray_parameters(dtype=mu.dtype)
     integrals = camera_raycast(
         mu, affine, sources, ray_matrices, camera.height, camera.width, mode=mode,
-        step=step, supersample=supersample,
+        step=step, supersample=supersample, quads=quads,
     )  # fmt: skip
     channels = 1 if mu.dim() == 3 else mu.shape[0]
     integrals = integrals.reshape(camera.batch_size, camera.height, camera.width, supersample**2, channels)

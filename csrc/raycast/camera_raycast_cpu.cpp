@@ -35,11 +35,14 @@ std::pair<at::Tensor, at::Tensor> camera_rays(const at::Tensor& sources, const a
   return {sources.unsqueeze(1).expand({batch, rays, 3}).reshape({-1, 3}), targets.reshape({-1, 3})};
 }
 
+// quads: checked, then not read (the CPU's trilinear loop reads the volume; the quads would give the same image).
 at::Tensor camera_raycast_forward_cpu(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
                                       const at::Tensor& ray_matrices, int64_t height, int64_t width,
-                                      int64_t supersample, int64_t mode, double step) {
+                                      int64_t supersample, int64_t mode, double step,
+                                      const std::optional<at::Tensor>& quads) {
   check_camera_inputs(volume, affine, sources, ray_matrices, height, width, supersample, mode, step,
                       c10::DeviceType::CPU);
+  check_voxel_quads(volume, quads, mode);
   const at::Tensor pixels = pixel_grid(height, width, supersample, sources.options());
   const auto [ray_sources, ray_targets] = camera_rays(sources.contiguous(), ray_matrices.contiguous(), pixels);
   const at::Tensor out = raycast_forward_cpu(volume, affine, ray_sources, ray_targets, mode, step);

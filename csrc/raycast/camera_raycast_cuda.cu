@@ -195,11 +195,12 @@ constexpr int forward_min_blocks(int max_channels, bool trilinear) {
   return max_channels == 1 ? TORCHDRR_TRILINEAR_MIN_BLOCKS : (max_channels >= 4 ? 3 : kForwardMinBlocks);
 }
 
-template <typename T, int MaxC, bool Packed, bool Trilinear>
+// Quads: the trilinear interior samples read the volume's voxel quads (ray_math.h, VoxelQuad; one float32 channel).
+template <typename T, int MaxC, bool Packed, bool Trilinear, bool Quads = false>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks(MaxC, Trilinear))
     camera_forward_kernel(const VolumeGeometry<T> geometry, const T* __restrict__ volume, int64_t channels,
                           const T* __restrict__ sources, const T* __restrict__ matrices, const CameraGrid cam,
-                          T step_mm, T* __restrict__ out) {
+                          T step_mm, T* __restrict__ out, const VoxelQuad* __restrict__ quads = nullptr) {
   const int b = blockIdx.y;
   int64_t ray;
   T u, v;
@@ -211,9 +212,9 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(MaxC, Trilinear))
   // base + chunk x channel stride in 64 bits for every voxel load (10 instructions a load in the SASS, H100).
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * MaxC;
   const int chunk = static_cast<int>(channels - c0 < MaxC ? channels - c0 : MaxC);
-  ray_forward<T, MaxC, Packed, Trilinear, /*Steps=*/true>(geometry, opaque(volume + c0 * geometry.channel_stride),
-                                                          chunk, s, t, step_mm,
-                                                          out + (b * cam.rays + ray) * channels + c0);
+  ray_forward<T, MaxC, Packed, Trilinear, /*Steps=*/true, Quads>(
+      geometry, opaque(volume + c0 * geometry.channel_stride), chunk, s, t, step_mm,
+      out + (b * cam.rays + ray) * channels + c0, quads);
 }
 
 // Sums x[0..N) over the block; thread 0 gets the totals in out[0..N) (N <= kThreads).
@@ -371,14 +372,17 @@ void dispatch_camera_channels(int64_t channels, F&& f) {
 }
 
 // The forward and the forward with the pose Jacobian share their setup and launch; WithJacobian picks the kernel
-// and whether the [B, R, C, 6] Jacobian is made (an empty tensor otherwise).
+// and whether the [B, R, C, 6] Jacobian is made (an empty tensor otherwise). quads: the volume's voxel quads for
+// the trilinear forward (check_voxel_quads), or none.
 template <bool WithJacobian>
 std::tuple<at::Tensor, at::Tensor> camera_forward_cuda(const at::Tensor& volume_in, const at::Tensor& affine,
                                                        const at::Tensor& sources_in, const at::Tensor& matrices_in,
                                                        int64_t height, int64_t width, int64_t supersample,
-                                                       int64_t mode, double step) {
+                                                       int64_t mode, double step,
+                                                       const std::optional<at::Tensor>& quads = std::nullopt) {
   check_camera_inputs(volume_in, affine, sources_in, matrices_in, height, width, supersample, mode, step,
                       c10::DeviceType::CUDA);
+  check_voxel_quads(volume_in, quads, mode);
   const c10::cuda::CUDAGuard device_guard(volume_in.device());
   const at::Tensor volume = dense_volume(volume_in);
   check_int32_span(volume);
@@ -404,6 +408,16 @@ std::tuple<at::Tensor, at::Tensor> camera_forward_cuda(const at::Tensor& volume_
           camera_forward_jacobian_kernel<scalar_t, kMaxC, kPacked, kTrilinear><<<grid, kThreads, 0, stream>>>(
               geometry, volume_data, channels, source_data, matrix_data, cam, step_mm,
               out.mutable_data_ptr<scalar_t>(), jacobian.mutable_data_ptr<scalar_t>());
+        } else if constexpr (std::is_same<scalar_t, float>::value && kMaxC == 1 && !kPacked && kTrilinear) {
+          if (quads.has_value()) {  // checked: one float32 channel, dense, so geometry axis 2 has stride 1
+            camera_forward_kernel<scalar_t, kMaxC, kPacked, kTrilinear, true><<<grid, kThreads, 0, stream>>>(
+                geometry, volume_data, channels, source_data, matrix_data, cam, step_mm,
+                out.mutable_data_ptr<scalar_t>(), reinterpret_cast<const VoxelQuad*>(quads->const_data_ptr()));
+          } else {
+            camera_forward_kernel<scalar_t, kMaxC, kPacked, kTrilinear><<<grid, kThreads, 0, stream>>>(
+                geometry, volume_data, channels, source_data, matrix_data, cam, step_mm,
+                out.mutable_data_ptr<scalar_t>());
+          }
         } else {
           camera_forward_kernel<scalar_t, kMaxC, kPacked, kTrilinear><<<grid, kThreads, 0, stream>>>(
               geometry, volume_data, channels, source_data, matrix_data, cam, step_mm,
@@ -424,9 +438,10 @@ std::tuple<at::Tensor, at::Tensor> camera_forward_cuda(const at::Tensor& volume_
 
 at::Tensor camera_raycast_forward_cuda(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
                                        const at::Tensor& matrices, int64_t height, int64_t width,
-                                       int64_t supersample, int64_t mode, double step) {
+                                       int64_t supersample, int64_t mode, double step,
+                                       const std::optional<at::Tensor>& quads) {
   return std::get<0>(
-      camera_forward_cuda<false>(volume, affine, sources, matrices, height, width, supersample, mode, step));
+      camera_forward_cuda<false>(volume, affine, sources, matrices, height, width, supersample, mode, step, quads));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> camera_raycast_backward_cuda(

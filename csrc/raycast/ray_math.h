@@ -746,10 +746,54 @@ TDRR_HD void interior_trilinear_value(const T* __restrict__ volume, const uint32
       value);
 }
 
-// The interior samples [k_begin, k_end) of trilinear_samples_steps, added to acc in order.
-template <typename T, int MaxC, bool Packed, bool UnitK>
+// Four voxels of a one-channel float32 volume in one 16-byte load: at the offset o of voxel (i, j, k) of the
+// geometry (make_geometry's axes: axis 2 the contiguous one), (v[o], v[o + 1], v[o + s1], v[o + s1 + 1]) with s1 the
+// stride of axis 1, neighbours past the last voxel clamped (torchdrr.ops.trilinear_quads builds them). A trilinear
+// interior sample then reads 2 of these instead of 8 voxels.
+struct alignas(16) VoxelQuad {
+  float v[4];
+};
+
+// interior_trilinear_value from quads (VoxelQuad): the same 4 + 2 + 1 interpolations of the same voxel values, so
+// the same value to the bit. Why: 2 loads and 2 addresses a sample instead of 8 and 7 took the H100's interior
+// sample loop from 55 to 42 SASS instructions a sample and the trilinear kernel from 1.39 to 1.20 ms (ncu, chest CT,
+// 1240 x 960, 0.7 mm; benchmarks/NOTES.md v31), for 4x the volume's memory.
+template <typename T>
+TDRR_HD void interior_quad_value(const VoxelQuad* __restrict__ quads, const uint32_t* stride, uint32_t bias,
+                                 const T* x, T* value) {
+  static_assert(std::is_same<T, float>::value, "voxel quads hold float32 voxels");
+  T f[3];
+  uint32_t base = bias;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    T fl;
+    base += floor_code(x[a], fl) * stride[a];
+    f[a] = x[a] - fl;
+  }
+#if defined(__CUDA_ARCH__)
+  const float4 q0 = __ldg(reinterpret_cast<const float4*>(quads + base));
+  const float4 q1 = __ldg(reinterpret_cast<const float4*>(quads + (base + stride[0])));
+  const float lower[4] = {q0.x, q0.y, q0.z, q0.w}, upper[4] = {q1.x, q1.y, q1.z, q1.w};
+#else
+  const float* lower = quads[base].v;
+  const float* upper = quads[base + stride[0]].v;
+#endif
+  trilinear_blend<T, 1>(
+      f,
+      [&](int bi, int bj, T* v0, T* v1) {
+        const float* q = bi ? upper : lower;
+        v0[0] = q[2 * bj];
+        v1[0] = q[2 * bj + 1];
+      },
+      value);
+}
+
+// The interior samples [k_begin, k_end) of trilinear_samples_steps, added to acc in order. Quads: read the voxels
+// from `quads` (interior_quad_value; one float32 channel, UnitK) instead of `volume`.
+template <typename T, int MaxC, bool Packed, bool UnitK, bool Quads = false>
 TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
-                                            const ClippedRay<T>& r, int64_t k_begin, int64_t k_end, T h, T* acc) {
+                                            const ClippedRay<T>& r, int64_t k_begin, int64_t k_end, T h, T* acc,
+                                            const VoxelQuad* __restrict__ quads = nullptr) {
   uint32_t stride[3], bias = 0;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
@@ -768,7 +812,12 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
     T x[3];
 #pragma unroll
     for (int a = 0; a < 3; ++a) x[a] = x0[a] + half_k * per_sample[a];
-    interior_trilinear_value<T, MaxC, Packed, UnitK>(volume, stride, bias, g.channel_stride, channels, x, value);
+    if constexpr (Quads) {
+      static_assert(MaxC == 1 && !Packed && UnitK, "voxel quads hold one channel, axis 2 contiguous");
+      interior_quad_value<T>(quads, stride, bias, x, value);
+    } else {
+      interior_trilinear_value<T, MaxC, Packed, UnitK>(volume, stride, bias, g.channel_stride, channels, x, value);
+    }
   };
   // Two samples an iteration, so that the 16 loads of both are in flight together: the loop waited on its loads
   // (long-scoreboard stalls, two thirds of its cycles, at 48 % occupancy; ncu, H100). k + 1/2 is kept as a T
@@ -795,10 +844,13 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
 // The n trilinear samples of a hit ray added to acc, the GPU's way: the samples whose stencil is inside the grid
 // (most of them) without clamps (interior_trilinear_value), the few near the faces with them. The same sample
 // positions (to rounding) and order of summation as the plain loop in ray_forward. Why: clamped 64-bit offsets made
-// a sample about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT); this one is 48.
-template <typename T, int MaxC, bool Packed>
+// a sample about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT); this one is 48 (42 with Quads:
+// the interior samples read `quads`, interior_quad_value, whose caller has checked that the geometry's axis 2 is
+// contiguous).
+template <typename T, int MaxC, bool Packed, bool Quads = false>
 TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
-                                     const ClippedRay<T>& r, int64_t n, T h, T* acc) {
+                                     const ClippedRay<T>& r, int64_t n, T h, T* acc,
+                                     const VoxelQuad* __restrict__ quads = nullptr) {
   int64_t k_begin, k_end;
   interior_trilinear_samples(g, r, h, n, k_begin, k_end);
   // Two passes: the clamped samples before the interior, the interior, then (second pass) the clamped samples after
@@ -814,7 +866,10 @@ TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __rest
       add_trilinear_sample<T, MaxC, Packed, int>(g, volume, channels, x, acc);
     }
     if (pass == 1) break;
-    if (g.voxel_stride[2] == (Packed ? MaxC : 1)) {  // the same for every ray: no divergence
+    if constexpr (Quads) {
+      add_interior_trilinear_samples<T, MaxC, Packed, true, true>(g, volume, channels, r, k_begin, k_end, h, acc,
+                                                                  quads);
+    } else if (g.voxel_stride[2] == (Packed ? MaxC : 1)) {  // the same for every ray: no divergence
       add_interior_trilinear_samples<T, MaxC, Packed, true>(g, volume, channels, r, k_begin, k_end, h, acc);
     } else {
       add_interior_trilinear_samples<T, MaxC, Packed, false>(g, volume, channels, r, k_begin, k_end, h, acc);
@@ -825,9 +880,10 @@ TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __rest
 // Forward of one ray: out[c] = integral of channel c along the segment (volume units x mm); NaN for non-finite
 // endpoints.
 // Steps: walk Siddon rays with siddon_steps (the GPU kernels) instead of siddon_runs (the CPU kernels).
-template <typename T, int MaxC, bool Packed, bool Trilinear, bool Steps = false>
+// Quads (trilinear with Steps only): the interior samples read `quads` (VoxelQuad) instead of `volume`.
+template <typename T, int MaxC, bool Packed, bool Trilinear, bool Steps = false, bool Quads = false>
 TDRR_HD void ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels, const T* s_world,
-                         const T* t_world, T step_mm, T* out) {
+                         const T* t_world, T step_mm, T* out, const VoxelQuad* __restrict__ quads = nullptr) {
   if (!all_finite(s_world) || !all_finite(t_world)) {
     for (int c = 0; c < channels; ++c) out[c] = NAN;
     return;
@@ -853,8 +909,9 @@ TDRR_HD void ray_forward(const VolumeGeometry<T>& g, const T* __restrict__ volum
       const int64_t n = trilinear_sample_count(r, length, step_mm);
       const T h = (r.alpha_max - r.alpha_min) / T(n);
       if constexpr (Steps) {
-        trilinear_samples_steps<T, MaxC, Packed>(g, volume, channels, r, n, h, acc);
+        trilinear_samples_steps<T, MaxC, Packed, Quads>(g, volume, channels, r, n, h, acc, quads);
       } else {
+        static_assert(!Quads, "voxel quads are read by the GPU's walk (Steps) only");
         for (int64_t k = 0; k < n; ++k) {
           const T beta = r.alpha_min + (T(k) + T(0.5)) * h;
           T x[3];

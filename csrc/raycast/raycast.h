@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -74,6 +75,11 @@ std::tuple<at::Tensor, at::Tensor> raycast_forward_jacobian_cpu(const at::Tensor
 void check_camera_inputs(const at::Tensor& volume, const at::Tensor& affine, const at::Tensor& sources,
                          const at::Tensor& ray_matrices, int64_t height, int64_t width, int64_t supersample,
                          int64_t mode, double step, c10::DeviceType device);
+
+// Checks the voxel quads the trilinear camera forward may read (ray_math.h, VoxelQuad; torchdrr.ops.trilinear_quads):
+// none, or, for a trilinear render of a dense one-channel float32 volume [1, I, J, K], a float32 [1, I, J, K, 4] on
+// its device whose spatial strides are 4x the volume's, 16-byte aligned. Their values are the caller's promise.
+void check_voxel_quads(const at::Tensor& volume, const std::optional<at::Tensor>& quads, int64_t mode);
 
 // Checks dLoss/dout of the camera backward: [B, R, C] with the volume's dtype and device.
 void check_camera_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t batch, int64_t rays);

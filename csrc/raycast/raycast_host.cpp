@@ -153,6 +153,30 @@ void check_camera_inputs(const at::Tensor& volume, const at::Tensor& affine, con
   check_raycast_inputs(volume, affine, sources.narrow(0, 0, 1), sources.narrow(0, 0, 1), mode, step, device);
 }
 
+void check_voxel_quads(const at::Tensor& volume, const std::optional<at::Tensor>& quads, int64_t mode) {
+  if (!quads.has_value()) return;
+  const at::Tensor& q = *quads;
+  TORCH_CHECK_VALUE(mode == kTrilinear, "camera_raycast: quads serve trilinear renders only, got mode ", mode);
+  TORCH_CHECK_TYPE(volume.scalar_type() == at::kFloat && q.scalar_type() == at::kFloat,
+                   "camera_raycast: quads need a float32 volume and float32 quads, got ", volume.scalar_type(),
+                   " and ", q.scalar_type());
+  TORCH_CHECK_VALUE(volume.size(0) == 1, "camera_raycast: quads serve one-channel volumes, got ", volume.size(0),
+                    " channels");
+  TORCH_CHECK_VALUE(volume.is_non_overlapping_and_dense(),
+                    "camera_raycast: quads need a dense volume (non-overlapping strides), got strides ",
+                    volume.strides());
+  TORCH_CHECK_VALUE(q.device() == volume.device(), "camera_raycast: quads must be on the volume's device ",
+                    volume.device(), ", got ", q.device());
+  bool layout = q.dim() == 5 && q.size(0) == 1 && q.size(4) == 4 && q.stride(4) == 1 &&
+                reinterpret_cast<std::uintptr_t>(q.const_data_ptr()) % 16 == 0;
+  for (int d = 1; layout && d < 4; ++d) {
+    layout = q.size(d) == volume.size(d) && (volume.size(d) == 1 || q.stride(d) == 4 * volume.stride(d));
+  }
+  TORCH_CHECK_VALUE(layout, "camera_raycast: quads must be torchdrr.ops.trilinear_quads(volume): [1, ",
+                    volume.size(1), ", ", volume.size(2), ", ", volume.size(3), ", 4] with strides 4x the volume's ",
+                    volume.strides(), ", got shape ", q.sizes(), " and strides ", q.strides());
+}
+
 void check_camera_grad_output(const at::Tensor& grad_output, const at::Tensor& volume, int64_t batch, int64_t rays) {
   TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == batch && grad_output.size(1) == rays &&
                         grad_output.size(2) == volume.size(0) && grad_output.device() == volume.device() &&

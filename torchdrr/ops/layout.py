@@ -13,6 +13,10 @@ cache lines. Which is faster depends on the mode (H100, chest CT, AP, 1240 x 960
   0.94 -> 0.86 ms).
 
 The CPU kernels are fastest with k contiguous: use these for CUDA volumes.
+
+For trilinear renders of one float32 channel, ``trilinear_quads`` trades memory for speed: a copy holding, at each
+voxel, the 4 voxels of a 2 x 2 face of its interpolation stencil, so that the GPU reads a sample's 8 voxels in 2
+loads instead of 8 (``camera_raycast(..., quads=...)``; trilinear kernel 1.39 -> 1.20 ms, same image to the bit).
 """
 
 from __future__ import annotations
@@ -135,3 +139,66 @@ def row_axis(affine: Tensor, ray_matrices: Tensor) -> int:
     """
     matrices, world_to_index = _check_affine_and_matrices(affine, ray_matrices)
     return _largest_index_axis(matrices[:, :, 0], world_to_index)  # the row direction, world mm a pixel
+
+
+def _is_dense(tensor: Tensor) -> bool:
+    """Whether the elements fill one block of memory without overlap, in some order of the axes (what the C++ side
+    calls non-overlapping and dense): the strides of the axes longer than 1, sorted, are the running products of
+    their sizes."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape, strict=True) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def trilinear_quads(volume: Tensor) -> Tensor:
+    """The voxel quads of a one-channel float32 volume: what ``camera_raycast(..., mode="trilinear", quads=...)``
+    reads on the GPU instead of the volume, 2 loads a sample instead of 8, for the same image to the bit.
+
+    At each voxel ``(i, j, k)``: ``(v, v + a, v + b, v + a + b)``, where ``v`` is the voxel's value, ``+ a`` its
+    neighbour along the volume's contiguous index axis ``a`` (``contiguous_axis``), ``+ b`` its neighbour along axis
+    ``b``, which is k when a is j and j otherwise (the order the kernels relabel the axes in), and a neighbour past
+    the last voxel is the last voxel itself. Stored with 4x the volume's strides, so that a voxel's quad sits at 4x
+    its offset: 16 bytes per voxel, 4x the volume's memory (532 MB for the 512 x 512 x 133 chest CT). Build them
+    once per volume (a few milliseconds on a GPU) and build them again after changing the volume: the ray cast
+    cannot tell stale quads from fresh ones. Layout first (``with_contiguous_axis``), quads second.
+
+    Args:
+        volume: ``[I, J, K]`` or ``[1, I, J, K]`` float32, dense (any dense strides; not an arbitrary view).
+
+    Returns:
+        ``[*volume.shape, 4]`` float32 on the volume's device, detached (gradients flow through the volume, which
+        the backward reads).
+    """
+    _check_volume(volume)
+    if volume.dtype != torch.float32:
+        raise TypeError(f"trilinear_quads: volume must be float32 (the GPU reads 16-byte quads), got {volume.dtype}")
+    if volume.dim() == 4 and volume.shape[0] != 1:
+        raise ValueError(
+            f"trilinear_quads: volume must have one channel ([I, J, K] or [1, I, J, K]), got {volume.shape[0]}: "
+            "multi-channel volumes read a voxel's channels together instead"
+        )
+    if not _is_dense(volume):
+        raise ValueError(
+            f"trilinear_quads: volume must be dense, got strides {volume.stride()} for shape {tuple(volume.shape)}; "
+            "make it dense first (with_contiguous_axis or .contiguous())"
+        )
+    values = volume.detach()[0] if volume.dim() == 4 else volume.detach()  # [I, J, K], the volume's strides
+    a = contiguous_axis(volume)
+    b = 2 if a == 1 else 1
+
+    def next_index(axis: int) -> Tensor:
+        size = values.shape[axis]
+        return (torch.arange(1, size + 1, device=values.device)).clamp_max(size - 1)
+
+    along_a = values.index_select(a, next_index(a))
+    quads = torch.empty_strided(
+        (*values.shape, 4), (*(4 * s for s in values.stride()), 1), dtype=values.dtype, device=values.device
+    )
+    quads[..., 0].copy_(values)
+    quads[..., 1].copy_(along_a)
+    quads[..., 2].copy_(values.index_select(b, next_index(b)))
+    quads[..., 3].copy_(along_a.index_select(b, next_index(b)))
+    return quads.unsqueeze(0) if volume.dim() == 4 else quads
