@@ -756,8 +756,8 @@ struct alignas(16) VoxelQuad {
 
 // interior_trilinear_value from quads (VoxelQuad): the same 4 + 2 + 1 interpolations of the same voxel values, so
 // the same value to the bit. Why: 2 loads and 2 addresses a sample instead of 8 and 7 took the H100's interior
-// sample loop from 55 to 42 SASS instructions a sample and the trilinear kernel from 1.39 to 1.20 ms (ncu, chest CT,
-// 1240 x 960, 0.7 mm; benchmarks/NOTES.md v31), for 4x the volume's memory.
+// sample loop from 111 to 80 SASS instructions for two samples and the trilinear kernel from 1.39 to 1.15 ms (ncu,
+// chest CT, 1240 x 960, 0.7 mm; benchmarks/NOTES.md v31), for 4x the volume's memory.
 template <typename T>
 TDRR_HD void interior_quad_value(const VoxelQuad* __restrict__ quads, const uint32_t* stride, uint32_t bias,
                                  const T* x, T* value) {
@@ -844,9 +844,9 @@ TDRR_HD void add_interior_trilinear_samples(const VolumeGeometry<T>& g, const T*
 // The n trilinear samples of a hit ray added to acc, the GPU's way: the samples whose stencil is inside the grid
 // (most of them) without clamps (interior_trilinear_value), the few near the faces with them. The same sample
 // positions (to rounding) and order of summation as the plain loop in ray_forward. Why: clamped 64-bit offsets made
-// a sample about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT); this one is 48 (42 with Quads:
-// the interior samples read `quads`, interior_quad_value, whose caller has checked that the geometry's axis 2 is
-// contiguous).
+// a sample about 150 instructions (ncu, H100, 0.7 mm steps through the chest CT); this one is 48. Quads: the
+// interior samples read `quads` (interior_quad_value: 6 loads and 5 addresses fewer); the caller has checked that
+// the volume is one dense float32 channel, so the geometry's axis 2 is contiguous.
 template <typename T, int MaxC, bool Packed, bool Quads = false>
 TDRR_HD void trilinear_samples_steps(const VolumeGeometry<T>& g, const T* __restrict__ volume, int channels,
                                      const ClippedRay<T>& r, int64_t n, T h, T* acc,
