@@ -716,6 +716,20 @@ TDRR_HD void interior_trilinear_samples(const VolumeGeometry<T>& g, const Clippe
   k_end = k_end < k_begin ? k_begin : (k_end > n ? n : k_end);
 }
 
+// The offset of the lowest corner of the interior point x's stencil (bias + sum floor(x_a) stride[a], with bias as
+// below) and the fractions f[a] = x_a - floor(x_a): shared by the volume's and the quads' interior samples.
+template <typename T>
+TDRR_HD uint32_t interior_stencil_base(const uint32_t* stride, uint32_t bias, const T* x, T* f) {
+  uint32_t base = bias;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    T fl;
+    base += floor_code(x[a], fl) * stride[a];
+    f[a] = x[a] - fl;
+  }
+  return base;
+}
+
 // The trilinear interpolant at x, as add_trilinear_sample's, for a point whose 8 stencil voxels are all in the grid
 // (interior_trilinear_samples): no clamps, 32-bit offsets (the CUDA ops check that a volume spans fewer than 2^31
 // elements), and each corner's address one multiply-add from another's. bias = -floor_code_offset<T>()
@@ -725,13 +739,7 @@ template <typename T, int MaxC, bool Packed, bool UnitK>
 TDRR_HD void interior_trilinear_value(const T* __restrict__ volume, const uint32_t* stride, uint32_t bias,
                                       int64_t channel_stride, int channels, const T* x, T* value) {
   T f[3];
-  uint32_t base = bias;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    T fl;
-    base += floor_code(x[a], fl) * stride[a];
-    f[a] = x[a] - fl;
-  }
+  const uint32_t base = interior_stencil_base(stride, bias, x, f);
   const uint32_t along_k = UnitK ? uint32_t(Packed ? MaxC : 1) : stride[2];
   const T* corner_i0 = volume + base;
   const T* corner_i1 = corner_i0 + stride[0];
@@ -763,13 +771,7 @@ TDRR_HD void interior_quad_value(const VoxelQuad* __restrict__ quads, const uint
                                  const T* x, T* value) {
   static_assert(std::is_same<T, float>::value, "voxel quads hold float32 voxels");
   T f[3];
-  uint32_t base = bias;
-#pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    T fl;
-    base += floor_code(x[a], fl) * stride[a];
-    f[a] = x[a] - fl;
-  }
+  const uint32_t base = interior_stencil_base(stride, bias, x, f);
 #if defined(__CUDA_ARCH__)
   const float4 q0 = __ldg(reinterpret_cast<const float4*>(quads + base));
   const float4 q1 = __ldg(reinterpret_cast<const float4*>(quads + (base + stride[0])));
