@@ -282,14 +282,11 @@ def time_fn(
     return samples, peak
 
 
-def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case, quads: Tensor | None = None) -> Callable[[], object]:
-    """One full torchdrr render of ``case`` (with its backward pass, if any), as a closure. ``quads``
-    (``trilinear_quads(mu)``) are read by the cases that ask for them (``Case.quads``); made here when not given."""
+def torchdrr_render_fn(mu: Tensor, affine: Tensor, case: Case) -> Callable[[], object]:
+    """One full torchdrr render of ``case`` (with its backward pass, if any), as a closure. The cases that read
+    voxel quads (``Case.quads``) get ``trilinear_quads(mu)`` built here, once, before any timing."""
     device = mu.device
-    if not case.quads:
-        quads = None
-    elif quads is None:
-        quads = trilinear_quads(mu)
+    quads = trilinear_quads(mu) if case.quads else None
     isocenter = volume_center(affine, mu.shape).to(device)
     primary = poses(case.batch).to(device)
     if case.graph and device.type == "cuda":
@@ -601,7 +598,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             header.append(f"peers: {', '.join(f'{k} {v}' for k, v in peer_versions().items())}")
     peer_cache: dict = {}
-    quads: dict[str, Tensor] = {}  # trilinear_quads of volumes[key], for the cases that read them
     comparable = cuda and not args.small
     rows: list[Row] = []
     results: dict[str, Row] = {}  # torchdrr's row of each case, by case name
@@ -650,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 renderer += ", CUDA graph" if cuda else " (eager: CUDA graphs need a GPU)"
             row = Row(name, renderer, case.height, case.width, case.batch, case.pass_)
             try:
-                if case.quads and case.volume_key not in quads:  # built once, before any timing
-                    quads[case.volume_key] = trilinear_quads(volumes[case.volume_key])
-                fn = torchdrr_render_fn(volumes[case.volume_key], affine, case, quads.get(case.volume_key))
+                fn = torchdrr_render_fn(volumes[case.volume_key], affine, case)
                 row.samples_ms, row.peak_mb = time_fn(fn, device, repeats, warmup)
                 row.median_ms, row.min_ms = statistics.median(row.samples_ms), min(row.samples_ms)
                 if case.step is not None:

@@ -163,8 +163,8 @@ def trilinear_quads(volume: Tensor) -> Tensor:
     ``b``, which is k when a is j and j otherwise (the order the kernels relabel the axes in), and a neighbour past
     the last voxel is the last voxel itself. Stored with 4x the volume's strides, so that a voxel's quad sits at 4x
     its offset: 16 bytes per voxel, 4x the volume's memory (532 MB for the 512 x 512 x 133 chest CT). Build them
-    once per volume (a few milliseconds on a GPU) and build them again after changing the volume: the ray cast
-    cannot tell stale quads from fresh ones. Layout first (``with_contiguous_axis``), quads second.
+    once per volume and build them again after changing the volume: the ray cast cannot tell stale quads from fresh
+    ones. Layout first (``with_contiguous_axis``), quads second.
 
     Args:
         volume: ``[I, J, K]`` or ``[1, I, J, K]`` float32, dense (any dense strides; not an arbitrary view).
@@ -194,12 +194,12 @@ def trilinear_quads(volume: Tensor) -> Tensor:
         size = values.shape[axis]
         return (torch.arange(1, size + 1, device=values.device)).clamp_max(size - 1)
 
-    along_a = values.index_select(a, next_index(a))
+    along_a, next_b = values.index_select(a, next_index(a)), next_index(b)
     quads = torch.empty_strided(
         (*values.shape, 4), (*(4 * s for s in values.stride()), 1), dtype=values.dtype, device=values.device
     )
     quads[..., 0].copy_(values)
     quads[..., 1].copy_(along_a)
-    quads[..., 2].copy_(values.index_select(b, next_index(b)))
-    quads[..., 3].copy_(along_a.index_select(b, next_index(b)))
+    quads[..., 2].copy_(values.index_select(b, next_b))
+    quads[..., 3].copy_(along_a.index_select(b, next_b))
     return quads.unsqueeze(0) if volume.dim() == 4 else quads
