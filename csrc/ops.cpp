@@ -1,6 +1,7 @@
 // Schemas of torchdrr's custom ops and the Python module that loads them. Kernels register themselves per device in
-// csrc/<folder>/<op>_{cpu.cpp,cuda.cu} (raycast/raycast, raycast/camera_raycast, spectral/spectral); fake (meta)
-// kernels and autograd are registered in torchdrr/ops/{raycast,camera_raycast,spectral}.py.
+// csrc/<folder>/<op>_{cpu.cpp,cuda.cu} (raycast/raycast, raycast/camera_raycast, spectral/spectral,
+// montecarlo/montecarlo); fake (meta) kernels and autograd are registered in
+// torchdrr/ops/{raycast,camera_raycast,spectral,montecarlo}.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -59,6 +60,22 @@ TORCH_LIBRARY(torchdrr, m) {
   m.def(
       "log_weighted_transmission_backward(Tensor grad_output, Tensor output, Tensor mass_thickness, "
       "Tensor attenuation, Tensor weights, int[] group_starts) -> Tensor");
+  // Monte Carlo X-ray transport (csrc/montecarlo): `photons` histories per camera, numbered from first_photon, through
+  // the material densities [M, I, J, K] (g/cm^3; affine as above) toward the detectors of camera_raycast's cameras
+  // (sources [B, 3], ray_matrices [B, 3, 3], height x width pixels; field = [u_min, u_max, v_min, v_max], the
+  // irradiated rectangle in image coordinates). Tables from torchdrr/physics/scatter_data.py: spectrum (energy [S]
+  // keV, cumulative [S]); on the energy grid grid_start + g grid_step (G points): interaction [G, M, 3]
+  // (photoelectric, Compton, Rayleigh per mm per g/cm^3), majorant [G] per mm, detector efficiency [G]; compton_sf
+  // [M, X] (S(x) / Z, x step in 1/Å), rayleigh_icdf [M, U] (x^2 by cumulative F^2), rayleigh_fraction [M, G].
+  // Optional focused linear grid (ratio 0 = none). Returns (tally [B, 6, H, W] float64: the detected energy (keV) of
+  // primary, single-scatter and multiple-scatter photons, then the sums of their squares; absorbed [B, M, 2] float64:
+  // the energy (keV) the photons left in each material, and the sum over photons of its square).
+  m.def(
+      "montecarlo_transport(Tensor densities, Tensor affine, Tensor sources, Tensor ray_matrices, int height, "
+      "int width, float[] field, Tensor spectrum_energy, Tensor spectrum_cdf, float grid_start, float grid_step, "
+      "Tensor interaction, Tensor majorant, Tensor efficiency, float energy_cutoff, Tensor compton_sf, "
+      "float compton_x_step, Tensor rayleigh_icdf, Tensor rayleigh_fraction, int photons, int seed, "
+      "int first_photon, float grid_ratio, float grid_transmission, bool falloff) -> (Tensor, Tensor)");
 }
 
 extern "C" {
