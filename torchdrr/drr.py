@@ -33,6 +33,7 @@ from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
 from .physics.density import check_density
 from .physics.detector import EnergyIntegratingDetector, PhotonCountingDetector, falloff_factor
 from .physics.materials import attenuation_table
+from .physics.montecarlo import MonteCarloScatter
 from .physics.noise import NOISE_PRESETS, Noise, check_generator
 from .physics.segmentation import MaterialChannels, ThresholdSegmentation
 from .physics.spectra import spectrum_preset
@@ -174,9 +175,11 @@ class DRR(nn.Module):
         noise_group_keV: compound-Poisson noise of an energy-integrating detector draws one Poisson count per group
             of this many keV (1 = every spectrum bin, exact; 10, the default, changes the noise variance by under
             0.1 % for diagnostic spectra and draws 10x fewer numbers).
-        scatter: optional module ``scatter(primary=[B, K, H, W], material_integrals=[B, M, H, W] g/cm^2,
-            camera=Camera) -> [B, K, H, W]`` expected scatter signal, added to the primary before noise (its energy
-            mix is taken as the primary's).
+        scatter: None (no scatter), "montecarlo" (``MonteCarloScatter()``: Monte Carlo transport through the
+            material volume; a ``MonteCarloScatter`` sets its photons, binning and grid), or a module
+            ``scatter(primary=[B, K, H, W], material_integrals=[B, M, H, W] g/cm^2, camera=Camera) -> [B, K, H, W]``.
+            The expected scatter signal is added to the primary before noise (its energy mix is taken as the
+            primary's).
         output: default output mode (see ``forward``).
         mode: ray integration, "siddon" (exact voxel intersections) or "trilinear".
         step: trilinear step in mm.
@@ -209,7 +212,7 @@ class DRR(nn.Module):
         photons_per_pixel: float | None = None,
         photons_behind_patient: float | None = None,
         noise_group_keV: int = 10,
-        scatter: nn.Module | None = None,
+        scatter: str | nn.Module | None = None,
         output: str = "line_integral",
         mode: str = "siddon",
         step: float | None = None,
@@ -323,6 +326,18 @@ class DRR(nn.Module):
         if isinstance(noise_group_keV, bool) or int(noise_group_keV) != noise_group_keV or noise_group_keV < 1:
             raise ValueError(f"noise_group_keV must be a whole number of keV >= 1, got {noise_group_keV!r}")
         self.noise_group_keV = int(noise_group_keV)
+        if isinstance(scatter, str):
+            if scatter == "montecarlo":
+                scatter = MonteCarloScatter()
+            elif scatter == "cnn":
+                raise ValueError("scatter='cnn' needs the trained scatter network, which this version does not ship "
+                                 "yet; use scatter='montecarlo' or None")  # fmt: skip
+            else:
+                raise ValueError(f"scatter must be None, 'montecarlo', 'cnn' or a module, got {scatter!r}")
+        if scatter is not None and not isinstance(scatter, nn.Module):
+            raise TypeError(f"scatter must be None, 'montecarlo', 'cnn' or an nn.Module, got {type(scatter).__name__}")
+        if isinstance(scatter, MonteCarloScatter) and not isinstance(self.detector, EnergyIntegratingDetector):
+            raise ValueError("Monte Carlo scatter is tallied for an EnergyIntegratingDetector only")
         self.scatter = scatter
 
         # --- ray casting ------------------------------------------------------------------------------------------
@@ -754,7 +769,13 @@ class DRR(nn.Module):
         if self.scatter is not None:
             primary = log_signal.exp().reshape(b, k, h, w)
             material_integrals = pixel_integrals.transpose(1, 2).reshape(b, -1, h, w)
-            scatter = self.scatter(primary=primary, material_integrals=material_integrals, camera=camera)
+            if isinstance(self.scatter, MonteCarloScatter):
+                scatter = self.scatter.estimate(
+                    self.material_volume().detach()[: len(self.materials)], self.affine, self.materials, camera,
+                    (self.energy_keV, p.detach()), self.detector, log_n0.detach().exp(),
+                ).to(primary.dtype)  # fmt: skip
+            else:
+                scatter = self.scatter(primary=primary, material_integrals=material_integrals, camera=camera)
             if not isinstance(scatter, Tensor) or scatter.shape != primary.shape:
                 got = tuple(scatter.shape) if isinstance(scatter, Tensor) else type(scatter).__name__
                 raise ValueError(f"scatter must return the primary's shape {tuple(primary.shape)}, got {got}")

@@ -21,6 +21,7 @@ from .materials import (
     material_names,
     register_material,
 )
+from .montecarlo import AntiScatterGrid, MonteCarloScatter, TransportResult, transport
 from .noise import NOISE_METHODS, NOISE_PRESETS, Noise, NoisePreset
 from .segmentation import (
     LabelMapSegmentation,
@@ -44,6 +45,8 @@ from .spectra import (
 __all__ = [
     "DETECTOR_OUTPUTS",
     "EnergyIntegratingDetector",
+    "AntiScatterGrid",
+    "MonteCarloScatter",
     "NOISE_METHODS",
     "NOISE_PRESETS",
     "Noise",
@@ -78,4 +81,6 @@ __all__ = [
     "register_material",
     "spectrum",
     "spectrum_preset",
+    "TransportResult",
+    "transport",
 ]
