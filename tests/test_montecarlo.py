@@ -24,7 +24,6 @@ from torchdrr.physics import (
     transport,
 )
 from torchdrr.physics.detector import falloff_factor
-from torchdrr.physics.materials import get_material
 from torchdrr.physics.scatter_data import transport_tables
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -298,4 +297,3 @@ def test_drr_scatter_argument():
         DRR(densities, affine, scatter="kernel")
     with pytest.raises(ValueError, match="EnergyIntegratingDetector"):
         DRR(densities, affine, scatter="montecarlo", detector=PhotonCountingDetector(thresholds_keV=(20.0,)))
-    assert get_material("water").name == "water"

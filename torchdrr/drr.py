@@ -768,13 +768,13 @@ class DRR(nn.Module):
         scatter_ratio = None
         if self.scatter is not None:
             primary = log_signal.exp().reshape(b, k, h, w)
-            material_integrals = pixel_integrals.transpose(1, 2).reshape(b, -1, h, w)
             if isinstance(self.scatter, MonteCarloScatter):
                 scatter = self.scatter.estimate(
                     self.material_volume().detach()[: len(self.materials)], self.affine, self.materials, camera,
                     (self.energy_keV, p.detach()), self.detector, log_n0.detach().exp(),
                 ).to(primary.dtype)  # fmt: skip
             else:
+                material_integrals = pixel_integrals.transpose(1, 2).reshape(b, -1, h, w)
                 scatter = self.scatter(primary=primary, material_integrals=material_integrals, camera=camera)
             if not isinstance(scatter, Tensor) or scatter.shape != primary.shape:
                 got = tuple(scatter.shape) if isinstance(scatter, Tensor) else type(scatter).__name__

@@ -239,7 +239,9 @@ def _check_energies(energy: np.ndarray) -> None:
         )
 
 
-def _mu_rho_numpy(material: Material, energy_keV: np.ndarray) -> np.ndarray:
+def _mu_rho_numpy(material: Material, energy_keV: np.ndarray, kind: str = "total") -> np.ndarray:
+    """mu/rho (cm^2/g) by the mixture rule; ``kind`` is xraydb's: "total", or the partial "photo", "incoh" (Compton)
+    or "coh" (Rayleigh)."""
     import xraydb
 
     energy_eV = np.asarray(energy_keV, dtype=np.float64).reshape(-1) * 1000.0
@@ -250,7 +252,7 @@ def _mu_rho_numpy(material: Material, energy_keV: np.ndarray) -> np.ndarray:
         # Range has been checked already; xraydb's reliability warnings would only be noise.
         warnings.simplefilter("ignore", UserWarning)
         for el, w in material.fractions.items():
-            out += w * np.asarray(xraydb.mu_elam(el, energy_eV, kind="total"), dtype=np.float64).reshape(-1)
+            out += w * np.asarray(xraydb.mu_elam(el, energy_eV, kind=kind), dtype=np.float64).reshape(-1)
     return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .materials import Material, get_material
+from .materials import Material, _mu_rho_numpy, get_material
 
 __all__ = ["HC_KEV_ANGSTROM", "TransportTables", "majorant", "transport_tables"]
 
@@ -90,16 +89,7 @@ def rayleigh_form_factor_squared(material: Material, x: np.ndarray) -> np.ndarra
 
 def _partial_attenuation(material: Material, energy_keV: np.ndarray) -> np.ndarray:
     """[E, 3] photoelectric, Compton and Rayleigh mass attenuation (cm^2/g) by the mixture rule."""
-    import xraydb
-
-    energy_eV = energy_keV * 1000.0
-    out = np.zeros((energy_keV.size, 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for element, fraction in material.fractions.items():
-            for column, kind in enumerate(("photo", "incoh", "coh")):
-                out[:, column] += fraction * np.asarray(xraydb.mu_elam(element, energy_eV, kind=kind)).reshape(-1)
-    return out
+    return np.stack([_mu_rho_numpy(material, energy_keV, kind) for kind in ("photo", "incoh", "coh")], axis=1)
 
 
 @dataclass(frozen=True)
@@ -111,7 +101,6 @@ class TransportTables:
         grid_start_keV, grid_step_keV: the energy grid ``E_g = start + g * step``, g < G.
         interaction: ``[G, M, 3]`` photoelectric, Compton and Rayleigh linear attenuation per mm per g/cm^3
             (mass attenuation in cm^2/g divided by 10).
-        total: ``[G, M]`` their sum (for the majorant).
         compton_sf: ``[M, X]`` S(x) / Z on x = 0, step, ... (1/Å).
         compton_x_step: that step, 1/Å.
         rayleigh_icdf: ``[M, U]`` x^2 (1/Å^2) at cumulative fraction u / (U - 1) of the integral of F^2 over x^2.
@@ -122,11 +111,15 @@ class TransportTables:
     grid_start_keV: float
     grid_step_keV: float
     interaction: Tensor
-    total: Tensor
     compton_sf: Tensor
     compton_x_step: float
     rayleigh_icdf: Tensor
     rayleigh_fraction: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        """``[G, M]`` total linear attenuation per mm per g/cm^3 (the sum of ``interaction``; for the majorant)."""
+        return self.interaction.sum(-1)
 
     @property
     def grid_energies(self) -> Tensor:
@@ -167,7 +160,6 @@ def _tables_cached(names: tuple[str, ...], top_keV: float, start: float, step: f
         grid_start_keV=start,
         grid_step_keV=step,
         interaction=as_tensor(interaction),
-        total=as_tensor(interaction.sum(-1)),
         compton_sf=as_tensor(compton),
         compton_x_step=float(compton_x[1] - compton_x[0]),
         rayleigh_icdf=as_tensor(np.stack(icdf)),
