@@ -63,8 +63,11 @@ def chest(device: str, photons_per_pixel: float, out_stem: pathlib.Path) -> dict
     mediastinum = spr[rows, int(0.47 * w) : int(0.53 * w)]
     lungs = torch.cat([spr[rows, int(0.22 * w) : int(0.32 * w)], spr[rows, int(0.68 * w) : int(0.78 * w)]], dim=1)
     relative = (result.scatter_error / result.scatter)[0].cpu()
+    maps = pathlib.Path(f"{out_stem}_chest_spr.pt")
+    tmp = maps.with_suffix(".tmp")
     torch.save({"spr": spr, "primary": result.primary[0].cpu(), "scatter": result.scatter[0].cpu(),
-                "single": result.single[0].cpu()}, f"{out_stem}_chest_spr.pt")  # fmt: skip
+                "single": result.single[0].cpu()}, tmp)  # fmt: skip
+    tmp.replace(maps)
     return {
         "ct": str(path.name),
         "ct_shape": list(ct.data.shape),
