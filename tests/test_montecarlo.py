@@ -10,6 +10,7 @@ import torch
 
 from torchdrr import DRR
 from torchdrr.geometry.camera import Camera, intrinsic_matrix
+from torchdrr.learned.scatter import ScatterCNN
 from torchdrr.ops import camera_raycast
 from torchdrr.physics import (
     AntiScatterGrid,
@@ -291,8 +292,7 @@ def test_drr_scatter_argument():
     densities = MaterialChannels(torch.ones(1, 4, 4, 4), ("water",))
     affine = torch.eye(4, dtype=torch.float64)
     assert isinstance(DRR(densities, affine, scatter="montecarlo").scatter, MonteCarloScatter)
-    with pytest.raises(ValueError, match="scatter='cnn'"):
-        DRR(densities, affine, scatter="cnn")
+    assert isinstance(DRR(densities, affine, scatter="cnn").scatter, ScatterCNN)
     with pytest.raises(ValueError, match="scatter must be"):
         DRR(densities, affine, scatter="kernel")
     with pytest.raises(ValueError, match="EnergyIntegratingDetector"):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .geometry import Camera
 from .io import Volume, volume_center
+from .learned.scatter import ScatterCNN
 from .memory import AUTO_BUDGET_FRACTION, RenderPlan, available_bytes, plan_chunks
 from .ops import camera_raycast, log_weighted_transmission, raycast, with_contiguous_axis
 from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
@@ -176,7 +177,8 @@ class DRR(nn.Module):
             of this many keV (1 = every spectrum bin, exact; 10, the default, changes the noise variance by under
             0.1 % for diagnostic spectra and draws 10x fewer numbers).
         scatter: None (no scatter), "montecarlo" (``MonteCarloScatter()``: Monte Carlo transport through the
-            material volume; a ``MonteCarloScatter`` sets its photons, binning and grid), or a module
+            material volume; a ``MonteCarloScatter`` sets its photons, binning and grid), "cnn" (``ScatterCNN()``:
+            the shipped scatter network, fast and differentiable; energy-integrating detector, no grid), or a module
             ``scatter(primary=[B, K, H, W], material_integrals=[B, M, H, W] g/cm^2, camera=Camera) -> [B, K, H, W]``.
             The expected scatter signal is added to the primary before noise (its energy mix is taken as the
             primary's).
@@ -330,14 +332,15 @@ class DRR(nn.Module):
             if scatter == "montecarlo":
                 scatter = MonteCarloScatter()
             elif scatter == "cnn":
-                raise ValueError("scatter='cnn' needs the trained scatter network, which this version does not ship "
-                                 "yet; use scatter='montecarlo' or None")  # fmt: skip
+                scatter = ScatterCNN()
             else:
                 raise ValueError(f"scatter must be None, 'montecarlo', 'cnn' or a module, got {scatter!r}")
         if scatter is not None and not isinstance(scatter, nn.Module):
             raise TypeError(f"scatter must be None, 'montecarlo', 'cnn' or an nn.Module, got {type(scatter).__name__}")
         if isinstance(scatter, MonteCarloScatter) and not isinstance(self.detector, EnergyIntegratingDetector):
             raise ValueError("Monte Carlo scatter is tallied for an EnergyIntegratingDetector only")
+        if isinstance(scatter, ScatterCNN) and not isinstance(self.detector, EnergyIntegratingDetector):
+            raise ValueError("the scatter CNN was trained for an EnergyIntegratingDetector only")
         self.scatter = scatter
 
         # --- ray casting ------------------------------------------------------------------------------------------
@@ -768,7 +771,11 @@ class DRR(nn.Module):
         scatter_ratio = None
         if self.scatter is not None:
             primary = log_signal.exp().reshape(b, k, h, w)
-            if isinstance(self.scatter, MonteCarloScatter):
+            if isinstance(self.scatter, ScatterCNN):
+                flat = log_flat.exp().reshape(b, k, h, w)
+                material_integrals = pixel_integrals.transpose(1, 2).reshape(b, -1, h, w)
+                scatter = self.scatter(primary, flat, material_integrals, camera, (self.energy_keV, p))
+            elif isinstance(self.scatter, MonteCarloScatter):
                 scatter = self.scatter.estimate(
                     self.material_volume().detach()[: len(self.materials)], self.affine, self.materials, camera,
                     (self.energy_keV, p.detach()), self.detector, log_n0.detach().exp(),

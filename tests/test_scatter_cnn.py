@@ -1,0 +1,203 @@
+"""The scatter CNN: the shipped weights against held-out Monte Carlo cases, gradients, the DRR hook, the data stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from torchdrr import DRR
+from torchdrr.geometry import Camera, carm_extrinsics, intrinsic_matrix
+from torchdrr.learned.scatter import (
+    GRID_MULTIPLE,
+    ScatterCNN,
+    ScatterUNet,
+    bin_grid,
+    network_inputs,
+    save_network,
+    spectrum_scalars,
+)
+from torchdrr.learned.scatter_data import HELDOUT_KVP, case_parameters, load_cases, simulate_cases
+from torchdrr.learned.scatter_training import case_tensors, evaluate_cases, relative_rmse
+from torchdrr.physics import MaterialChannels, PhotonCountingDetector, spectrum_preset
+
+HELDOUT = Path(__file__).parent / "data" / "scatter_heldout.npz"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ScatterCNN:
+    return ScatterCNN()
+
+
+def _camera(height: int, width: int, pitch: float, centre: torch.Tensor, primary: float = 0.0) -> Camera:
+    rotation, translation = carm_extrinsics(primary, 0.0, 850.0, centre)
+    k = intrinsic_matrix(1020.0, height, width, (pitch, pitch))
+    return Camera(k, rotation.reshape(1, 3, 3), translation.reshape(1, 3), height, width, 1020.0)
+
+
+def test_shipped_weights_on_heldout_cases(shipped):
+    """The committed held-out cases (poses, phantoms and kVp never used in training; MC noise < 2 %): the shipped
+    network reproduces the figures recorded when it was trained, and is far better than a constant scatter field."""
+    cases = load_cases(HELDOUT)
+    summary = evaluate_cases(shipped.network, cases)
+    assert summary["cases"] == 48
+    assert summary["mc_noise"]["max"] < 0.02  # the targets' own noise, per case
+    recorded = shipped.metadata["heldout"]
+    for name in ("relative_rmse", "mean_spr_error"):
+        assert summary[name]["median"] == pytest.approx(recorded[name]["median"], abs=2e-3), name
+        assert summary[name]["mean"] == pytest.approx(recorded[name]["mean"], abs=2e-3), name
+    # A baseline that knows each case's mean scatter but not its shape: the network must beat it clearly.
+    _, targets, mask = case_tensors(cases)
+    mean = (targets * mask).sum((-2, -1), keepdim=True) / mask.sum((-2, -1), keepdim=True)
+    baseline = relative_rmse(mean.expand_as(targets), targets, mask)
+    assert summary["relative_rmse"]["median"] < 0.6 * float(baseline.median())
+    assert summary["relative_rmse"]["median"] < 0.2
+    assert set(summary["kvp"]) <= {k for k in HELDOUT_KVP}
+
+
+def test_heldout_and_training_streams_are_disjoint():
+    train = [case_parameters("train", i) for i in range(400)]
+    heldout = [case_parameters("heldout", i) for i in range(48)]
+    assert all(min(abs(c.kvp - k) for k in HELDOUT_KVP) >= 3.0 for c in train)
+    assert {c.kvp for c in heldout} == set(HELDOUT_KVP)
+    phantoms = {c.phantom_seed for c in train if c.source == "phantom"}
+    assert phantoms and phantoms.isdisjoint({c.phantom_seed for c in heldout if c.source == "phantom"})
+    assert case_parameters("train", 7) == case_parameters("train", 7)  # a pure function of (split, index)
+    with pytest.raises(ValueError, match="split"):
+        case_parameters("test", 0)
+
+
+def test_simulated_cases_round_trip(tmp_path):
+    """Two tiny CPU cases: whole shards on disk, the MC primary agrees with the DRR's transmission, finite targets."""
+    written = simulate_cases("train", 2, tmp_path, photons_per_pixel=30, device="cpu", shard=1, progress=False)
+    assert [p.name for p in written] == ["train-00000.npz", "train-00001.npz"]
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+    cases = load_cases(tmp_path)
+    inputs, targets, mask = case_tensors(cases)
+    assert inputs.shape == (2, 7, 64, 64) and targets.shape == mask.shape == (2, 64, 64)
+    field = mask.bool()
+    t, t_mc = cases["transmission"][field], cases["mc_transmission"][field]
+    assert float((t_mc * t).sum() / (t * t).sum()) == pytest.approx(1.0, abs=0.05)
+    assert bool(torch.isfinite(targets).all()) and float(targets[field].mean()) > 0
+
+
+def test_network_inputs_and_grid():
+    assert bin_grid(960, 1240, (0.3, 0.3)) == (41, 53)
+    assert bin_grid(4, 4, (0.1, 0.1)) == (1, 1)
+    t = torch.full((2, 5, 9), 0.5)
+    x, field = network_inputs(t, torch.full_like(t, 20.0), torch.tensor([[90.0, 50.0, 7.0, 1000.0]] * 2))
+    assert field == (5, 9) and x.shape == (2, 7, 8, 16)
+    assert torch.allclose(x[:, 0, :5, :9], torch.full((2, 5, 9), float(np.log(2.0)) / 4.0))
+    assert float(x[:, 2].sum()) == 2 * 45  # the field mask
+    assert float(x[:, 0, 5:].abs().sum()) == 0.0  # zero outside the field
+    assert torch.allclose(x[:, 3:, 0, 0], torch.tensor([[0.9, 1.0, 1.0, 1.0]] * 2))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ScatterUNet()(torch.zeros(1, 7, 12, 16))
+    kvp, mean_energy = spectrum_scalars(*spectrum_preset("90kVp"))
+    assert kvp == pytest.approx(90.0, abs=1.0) and 40.0 < mean_energy < 60.0
+
+
+def test_scatter_ratio_gradcheck():
+    """Float64 gradients of the whole CNN path (bin, network, upsample) with respect to both input images."""
+    torch.manual_seed(0)
+    network = ScatterUNet((8, 8, 8, 8)).double()
+    torch.nn.init.normal_(network.head.weight, std=0.1)
+    cnn = ScatterCNN(network=network)
+    transmission = (0.2 + 0.6 * torch.rand(1, 1, 12, 10, dtype=torch.float64)).requires_grad_(True)
+    mass = (10.0 * torch.rand(1, 1, 12, 10, dtype=torch.float64)).requires_grad_(True)
+
+    def ratio(t, m):
+        return cnn.scatter_ratio(t, m, (10.0, 10.0), 1000.0, 90.0, 50.0)
+
+    assert torch.autograd.gradcheck(ratio, (transmission, mass), eps=1e-6, atol=1e-7)
+
+
+def test_drr_cnn_scatter_is_added_and_differentiable(shipped):
+    """``DRR(scatter="cnn")``: the scatter it adds equals the CNN's ratio times the flat field; gradients reach the
+    volume through the CNN (they differ from those of the render without scatter) and match finite differences."""
+    torch.manual_seed(0)
+    densities = torch.zeros(3, 24, 24, 24, dtype=torch.float64)
+    densities[1, 3:21, 3:21, 3:21] = 1.0  # a 36 mm soft-tissue cube
+    densities[2, 9:15, 9:15, 9:15] = 1.9  # with a bone core
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    materials = ("air", "soft tissue", "cortical bone")
+    parameter = torch.nn.Parameter(densities.clone())
+    kwargs = {"output": "intensity", "dtype": torch.float64, "photons_per_pixel": 1.0}
+    with_cnn = DRR(MaterialChannels(parameter, materials), affine, scatter=ScatterCNN(), **kwargs)
+    with_cnn.scatter.double()
+    plain = DRR(MaterialChannels(densities, materials), affine, **kwargs)
+    flat = DRR(MaterialChannels(torch.zeros_like(densities), materials), affine, **kwargs)
+    camera = _camera(12, 10, 8.0, torch.tensor([24.0, 24.0, 24.0], dtype=torch.float64))
+    total, primary, open_field = with_cnn(camera), plain(camera), flat(camera)
+    ratio = with_cnn.scatter.scatter_ratio(
+        primary / open_field,
+        plain.material_line_integrals(camera).sum(-1).reshape(1, 1, 12, 10),
+        (8.0, 8.0), 1020.0, *spectrum_scalars(*spectrum_preset("90kVp")),
+    )  # fmt: skip
+    assert torch.allclose(total - primary, ratio * open_field, rtol=1e-9, atol=1e-12)
+    assert float((total - primary).min()) > 0
+
+    weights = torch.rand(total.shape, dtype=torch.float64)
+    (total * weights).sum().backward()
+    grad = parameter.grad.clone()
+    assert float(grad.abs().sum()) > 0
+    voxel = (1, 12, 12, 4)
+    step = 1e-4
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            parameter[voxel] += sign * step
+        values.append(float((with_cnn(camera) * weights).sum()))
+        with torch.no_grad():
+            parameter[voxel] -= sign * step
+    assert grad[voxel] == pytest.approx((values[0] - values[1]) / (2 * step), rel=1e-5)
+    reference = torch.nn.Parameter(densities.clone())
+    no_scatter = DRR(MaterialChannels(reference, materials), affine, **kwargs)
+    (no_scatter(camera) * weights).sum().backward()
+    assert not torch.allclose(grad, reference.grad)
+
+
+def test_shipped_network_is_frozen_and_grid_padding(shipped):
+    assert not any(p.requires_grad for p in shipped.parameters())
+    assert shipped.metadata["training_cases"] > 1000
+    assert GRID_MULTIPLE == 8
+
+
+def test_bad_input(tmp_path, shipped):
+    densities = MaterialChannels(torch.ones(1, 4, 4, 4), ("water",))
+    affine = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="EnergyIntegratingDetector"):
+        DRR(densities, affine, scatter="cnn", detector=PhotonCountingDetector(thresholds_keV=(20.0,)))
+    with pytest.raises(FileNotFoundError, match="scatter CNN weights not found"):
+        ScatterCNN(tmp_path / "missing.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a scatter CNN checkpoint"):
+        ScatterCNN(tmp_path / "other.pt")
+    with pytest.raises(TypeError, match="ScatterUNet"):
+        ScatterCNN(network=torch.nn.Linear(2, 2))
+    t = torch.full((1, 1, 8, 8), 0.5)
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        shipped.scatter_ratio(t, torch.ones(1, 1, 8, 7), (1.0, 1.0), 1000.0, 90.0, 50.0)
+    with pytest.raises(ValueError, match="no photons"):
+        spectrum_scalars(torch.arange(3.0), torch.zeros(3))
+
+
+def test_save_round_trip(tmp_path):
+    network = ScatterUNet((8, 8, 8, 8))
+    save_network(network, tmp_path / "net.pt", {"note": np.float32(1.5)}, half=False)
+    loaded = ScatterCNN(tmp_path / "net.pt")
+    assert loaded.metadata == {"note": "1.5"}
+    for a, b in zip(network.state_dict().values(), loaded.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(shipped):
+    torch.manual_seed(0)
+    t = 0.05 + 0.9 * torch.rand(2, 1, 96, 124)
+    m = 30.0 * torch.rand(2, 1, 96, 124)
+    cpu = shipped.scatter_ratio(t, m, (3.0, 3.0), 1020.0, 90.0, 50.0)
+    gpu = ScatterCNN().cuda().scatter_ratio(t.cuda(), m.cuda(), (3.0, 3.0), 1020.0, 90.0, 50.0)
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-3, atol=1e-6)

@@ -1,0 +1,279 @@
+"""The scatter CNN: from the primary image and the material line integrals to the expected scatter image.
+
+Scatter is smooth, so the network works on a coarse detector grid of about ``BIN_MM`` (7 mm) bins, whatever the
+detector's pixel count: the inputs are averaged into bins, the network predicts the scatter there, and the result is
+interpolated bilinearly back to full resolution. Every step is differentiable (average pooling, the network,
+bilinear upsampling), so ``DRR(scatter="cnn")`` stays inside a training graph.
+
+What the network sees, per bin (``network_inputs``):
+
+- the polychromatic line integral ``-log T`` of the primary (``T = primary / flat field``);
+- the summed mass thickness of all materials (g/cm^2), the amount of matter that scatters;
+- a mask of the irradiated field (the bins are padded to a multiple of 8 with zeros: no field, no scatter);
+- four numbers broadcast over the grid: the tube voltage (kVp), the mean photon energy of the beam (keV), the bin
+  pitch (mm) and the source-to-detector distance (mm).
+
+It predicts the scatter-to-flat ratio ``S / I_flat``: the scatter signal per unit of the flat-field signal, which the
+DRR multiplies by its flat field (N0, spectrum, detector, falloff). The training data and the command that makes the
+shipped weights are in ``torchdrr.learned.scatter_data`` and ``torchdrr.learned.scatter_training``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "BIN_MM",
+    "SCALAR_NAMES",
+    "ScatterCNN",
+    "ScatterUNet",
+    "bundled_scatter_weights_path",
+    "network_inputs",
+]
+
+#: Detector bin pitch (mm) the network works at.
+BIN_MM = 7.0
+#: The grid is padded to a multiple of this (three 2x poolings).
+GRID_MULTIPLE = 8
+#: The per-image numbers the network takes, in order, and the scale that brings each near 1.
+SCALAR_NAMES = ("kvp", "mean_energy_keV", "bin_pitch_mm", "sdd_mm")
+_SCALAR_SCALES = (100.0, 50.0, BIN_MM, 1000.0)
+#: Scale of the line integral and mass thickness maps (typical chest values map near 1).
+_LINE_INTEGRAL_SCALE = 4.0
+_MASS_SCALE = 20.0  # g/cm^2
+#: The transmission is clamped here before the log (a bin that sees no primary still has a finite input).
+_MIN_TRANSMISSION = 1e-7
+
+
+def bundled_scatter_weights_path() -> Path:
+    """The shipped weights of the scatter CNN (``torchdrr/assets/scatter_net.pt``; ``torchdrr.learned.scatter_training``
+    has the command that reproduces them)."""
+    return Path(str(resources.files("torchdrr.assets").joinpath("scatter_net.pt")))
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
+    )  # fmt: skip
+
+
+class ScatterUNet(nn.Module):
+    """A small 2D U-Net with a global-context branch, on the binned grid.
+
+    Args:
+        widths: channels of the four levels (full, 1/2, 1/4, 1/8 of the grid).
+        in_channels: input maps (``network_inputs``: 3 maps + the broadcast scalars).
+
+    ``forward(x [B, C, h, w]) -> [B, 1, h, w]`` is the log of the scatter-to-flat ratio; h and w must be multiples
+    of 8 (``GRID_MULTIPLE``). The global branch averages the deepest features over the irradiated field (the mask
+    channel), so every bin sees the whole field: scatter reaches across the detector.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int] = (24, 48, 96, 128), in_channels: int = 7) -> None:
+        super().__init__()
+        self.widths, self.in_channels = tuple(int(w) for w in widths), int(in_channels)
+        w0, w1, w2, w3 = self.widths
+        self.encoders = nn.ModuleList([_block(in_channels, w0), _block(w0, w1), _block(w1, w2), _block(w2, w3)])
+        self.context = nn.Sequential(nn.Linear(w3, w3), nn.SiLU(), nn.Linear(w3, w3))
+        self.decoders = nn.ModuleList([_block(w3 + w2, w2), _block(w2 + w1, w1), _block(w1 + w0, w0)])
+        self.head = nn.Conv2d(w0, 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, math.log(0.1))  # a typical scatter-to-flat ratio behind a body
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2] % GRID_MULTIPLE or x.shape[-1] % GRID_MULTIPLE:
+            raise ValueError(f"the grid must be a multiple of {GRID_MULTIPLE} bins, got {tuple(x.shape[-2:])}")
+        mask = x[:, 2:3]
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level:
+                x = F.avg_pool2d(x, 2)
+            x = encoder(x)
+            skips.append(x)
+        deep_mask = F.avg_pool2d(mask, 8)
+        pooled = (x * deep_mask).sum((-2, -1)) / deep_mask.sum((-2, -1)).clamp_min(1e-6)
+        x = x + self.context(pooled)[:, :, None, None]
+        for decoder, skip in zip(self.decoders, reversed(skips[:-1]), strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = decoder(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+def bin_grid(height: int, width: int, pixel_pitch_mm: tuple[float, float]) -> tuple[int, int]:
+    """Bins ``(rows, cols)`` of about ``BIN_MM`` for an ``height x width`` detector of pitch (row, col) mm."""
+    rows = max(1, round(height * float(pixel_pitch_mm[0]) / BIN_MM))
+    cols = max(1, round(width * float(pixel_pitch_mm[1]) / BIN_MM))
+    return min(rows, height), min(cols, width)
+
+
+def network_inputs(
+    transmission: Tensor, mass_thickness: Tensor, scalars: Tensor, grid: tuple[int, int] | None = None
+) -> tuple[Tensor, tuple[int, int]]:
+    """The network's input maps on the padded grid, from binned images.
+
+    Args:
+        transmission: ``[B, h, w]`` primary / flat field per bin (mean over the bin's pixels), in (0, 1].
+        mass_thickness: ``[B, h, w]`` summed material mass thickness per bin, g/cm^2.
+        scalars: ``[B, 4]`` per-image numbers in the order of ``SCALAR_NAMES`` (kVp, keV, mm, mm).
+        grid: the padded grid size (default: h and w rounded up to a multiple of 8).
+
+    Returns:
+        ``([B, 7, H', W'], (h, w))``: the inputs (zero outside the field) and the field's size.
+    """
+    b, h, w = transmission.shape
+    if grid is None:
+        grid = (-(-h // GRID_MULTIPLE) * GRID_MULTIPLE, -(-w // GRID_MULTIPLE) * GRID_MULTIPLE)
+    line = -transmission.clamp(_MIN_TRANSMISSION, 1.0).log() / _LINE_INTEGRAL_SCALE
+    mass = mass_thickness.clamp_min(0.0) / _MASS_SCALE
+    mask = torch.ones_like(line)
+    maps = torch.stack([line, mass, mask], dim=1)
+    maps = F.pad(maps, (0, grid[1] - w, 0, grid[0] - h))
+    numbers = torch.stack([scalars[:, i].to(maps) / scale for i, scale in enumerate(_SCALAR_SCALES)], dim=1)
+    numbers = numbers[:, :, None, None].expand(b, len(SCALAR_NAMES), *grid)
+    return torch.cat([maps, numbers], dim=1), (h, w)
+
+
+def spectrum_scalars(energy_keV: Tensor, photons: Tensor) -> tuple[float, float]:
+    """The tube voltage (kVp: the top of the highest bin with photons) and mean photon energy (keV) of a spectrum."""
+    energy = energy_keV.detach().to("cpu", torch.float64)
+    weights = photons.detach().to("cpu", torch.float64).clamp_min(0)
+    nonzero = torch.nonzero(weights > 0)
+    if nonzero.numel() == 0:
+        raise ValueError("the spectrum has no photons")
+    step = float(energy[1] - energy[0]) if energy.numel() > 1 else 1.0
+    kvp = float(energy[int(nonzero[-1])]) + 0.5 * step
+    return kvp, float((weights * energy).sum() / weights.sum())
+
+
+class ScatterCNN(nn.Module):
+    """The learned scatter estimate (``DRR(scatter="cnn")``): scatter-to-flat ratio from the primary image.
+
+    Args:
+        weights: a checkpoint written by ``save`` (default: the shipped weights); None with ``network`` given.
+        network: a ``ScatterUNet`` to use instead of loading one.
+
+    The network was trained on Monte Carlo scatter (``transport``) of the chest CT and procedural torso phantoms,
+    60-120 kVp, without an anti-scatter grid, energy-integrating detector: it is an estimate for such scenes.
+    """
+
+    def __init__(self, weights: str | Path | None = None, network: ScatterUNet | None = None) -> None:
+        super().__init__()
+        self.metadata: dict = {}
+        if network is None:
+            network, self.metadata = _load(weights)
+            # Fixed weights: gradients flow through the network to its inputs, but an optimiser over the DRR's
+            # parameters does not pick the network up (call ``requires_grad_(True)`` to fine-tune it).
+            network.requires_grad_(False)
+        if not isinstance(network, ScatterUNet):
+            raise TypeError(f"network must be a ScatterUNet, got {type(network).__name__}")
+        self.network = network
+
+    def scatter_ratio(
+        self,
+        transmission: Tensor,
+        mass_thickness: Tensor,
+        pixel_pitch_mm: tuple[float, float],
+        sdd_mm: float,
+        kvp: float,
+        mean_energy_keV: float,
+    ) -> Tensor:
+        """Scatter / flat-field signal ``[B, 1, H, W]`` (dimensionless) at full resolution.
+
+        Args:
+            transmission: ``[B, 1, H, W]`` primary / flat field (I / I0), in (0, 1].
+            mass_thickness: ``[B, 1, H, W]`` summed mass thickness of all materials per pixel, g/cm^2.
+            pixel_pitch_mm: detector pixel pitch (row, col), mm.
+            sdd_mm: source-to-detector distance, mm.
+            kvp: tube voltage, kVp; mean_energy_keV: mean photon energy of the beam, keV.
+        """
+        if transmission.dim() != 4 or transmission.shape[1] != 1 or mass_thickness.shape != transmission.shape:
+            raise ValueError(
+                f"transmission and mass_thickness must both be [B, 1, H, W], got {tuple(transmission.shape)} and "
+                f"{tuple(mass_thickness.shape)}"
+            )
+        b, _, height, width = transmission.shape
+        rows, cols = bin_grid(height, width, pixel_pitch_mm)
+        parameter = next(self.network.parameters())
+        t = F.adaptive_avg_pool2d(transmission.to(parameter.dtype), (rows, cols))[:, 0]
+        m = F.adaptive_avg_pool2d(mass_thickness.to(parameter.dtype), (rows, cols))[:, 0]
+        bin_pitch = 0.5 * (height * pixel_pitch_mm[0] / rows + width * pixel_pitch_mm[1] / cols)
+        # Filled on the device (no host-to-device copy: nothing waits, and the call can be captured in a CUDA graph).
+        scalars = t.new_empty((b, len(SCALAR_NAMES)))
+        for column, value in enumerate((kvp, mean_energy_keV, bin_pitch, sdd_mm)):
+            scalars[:, column] = float(value)
+        x, _ = network_inputs(t, m, scalars)
+        log_ratio = self.network(x)[:, :, :rows, :cols]
+        ratio = log_ratio.clamp(max=5.0).exp()
+        return F.interpolate(ratio, size=(height, width), mode="bilinear", align_corners=False).to(transmission.dtype)
+
+    def forward(
+        self,
+        primary: Tensor,
+        flat_field: Tensor,
+        material_integrals: Tensor,
+        camera,
+        spectrum: tuple[Tensor, Tensor],
+    ) -> Tensor:
+        """Expected scatter signal ``[B, 1, H, W]`` in the primary's units.
+
+        Args:
+            primary: ``[B, 1, H, W]`` primary signal (e.g. keV per pixel).
+            flat_field: ``[B, 1, H, W]`` the flat-field signal in the same units (no object).
+            material_integrals: ``[B, M, H, W]`` mass thickness of each material, g/cm^2.
+            camera: the ``Camera`` (pixel pitch and SDD are read from it).
+            spectrum: ``(energy_keV [E], photons [E])`` of the beam.
+        """
+        if primary.dim() != 4 or primary.shape[1] != 1:
+            raise ValueError(f"primary must be [B, 1, H, W] (energy-integrating), got {tuple(primary.shape)}")
+        k = camera.intrinsics.detach().to("cpu", torch.float64).reshape(-1, 3, 3)[0]
+        pitch = (camera.sdd_mm / abs(float(k[1, 1])), camera.sdd_mm / abs(float(k[0, 0])))
+        kvp, mean_energy = spectrum_scalars(*spectrum)
+        transmission = primary / flat_field
+        mass = material_integrals.sum(1, keepdim=True)
+        ratio = self.scatter_ratio(transmission, mass, pitch, float(camera.sdd_mm), kvp, mean_energy)
+        return ratio * flat_field
+
+    def save(self, path: str | Path, metadata: dict | None = None, half: bool = True) -> None:
+        """Writes the network (float16 weights when ``half``) and its config atomically to ``path``."""
+        save_network(self.network, path, metadata if metadata is not None else self.metadata, half)
+
+
+def save_network(network: ScatterUNet, path: str | Path, metadata: dict | None = None, half: bool = True) -> None:
+    """Writes ``network``'s weights (float16 when ``half``), widths and ``metadata`` to ``path``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
+             for k, v in network.state_dict().items()}  # fmt: skip
+    plain = json.loads(json.dumps(metadata or {}, default=str))  # plain types, so weights_only can load them
+    payload = {"format": "torchdrr-scatter-cnn-1", "widths": list(network.widths),
+               "in_channels": network.in_channels, "state_dict": state, "metadata": plain}  # fmt: skip
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _load(weights: str | Path | None) -> tuple[ScatterUNet, dict]:
+    path = Path(weights) if weights is not None else bundled_scatter_weights_path()
+    if not path.exists():
+        raise FileNotFoundError(f"scatter CNN weights not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "torchdrr-scatter-cnn-1":
+        raise ValueError(f"{path} is not a scatter CNN checkpoint (format torchdrr-scatter-cnn-1)")
+    network = ScatterUNet(tuple(payload["widths"]), int(payload["in_channels"]))
+    network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+    return network.eval(), dict(payload.get("metadata", {}))
