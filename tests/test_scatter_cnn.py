@@ -16,6 +16,7 @@ from torchdrr.learned.scatter import (
     ScatterUNet,
     bin_grid,
     network_inputs,
+    predict_ratio,
     save_network,
     spectrum_scalars,
 )
@@ -201,3 +202,19 @@ def test_cuda_matches_cpu(shipped):
     cpu = shipped.scatter_ratio(t, m, (3.0, 3.0), 1020.0, 90.0, 50.0)
     gpu = ScatterCNN().cuda().scatter_ratio(t.cuda(), m.cuda(), (3.0, 3.0), 1020.0, 90.0, 50.0)
     assert torch.allclose(gpu.cpu(), cpu, rtol=1e-3, atol=1e-6)
+
+
+def test_flip_average_is_the_mean_of_the_mirror_images(shipped):
+    torch.manual_seed(1)
+    x, _ = network_inputs(0.05 + 0.9 * torch.rand(2, 20, 27), 30.0 * torch.rand(2, 20, 27),
+                          torch.tensor([[70.0, 40.0, 7.0, 1000.0], [110.0, 55.0, 7.2, 1200.0]]))  # fmt: skip
+    single = predict_ratio(shipped.network, x, flip_average=False)
+    manual = sum(
+        predict_ratio(shipped.network, x.flip(dims), flip_average=False).flip(dims) if dims else single
+        for dims in ((), (-1,), (-2,), (-2, -1))
+    ) / 4  # fmt: skip
+    assert torch.allclose(predict_ratio(shipped.network, x, flip_average=True), manual, rtol=1e-5)
+    assert not torch.allclose(manual, single, rtol=1e-3)
+    averaged = ScatterCNN(flip_average=True)
+    t, m = 0.05 + 0.9 * torch.rand(1, 1, 40, 50), 30.0 * torch.rand(1, 1, 40, 50)
+    assert averaged.scatter_ratio(t, m, (1.0, 1.0), 1020.0, 90.0, 50.0).shape == (1, 1, 40, 50)

@@ -109,6 +109,21 @@ class ScatterUNet(nn.Module):
         return self.head(x)
 
 
+def predict_ratio(network: ScatterUNet, inputs: Tensor, flip_average: bool = True) -> Tensor:
+    """The network's scatter-to-flat ratio ``[B, 1, H', W']`` on padded inputs ``[B, 7, H', W']``.
+
+    ``flip_average``: average the predictions of the four mirror images of the scene (one batched pass; training
+    flips at random, so each mirror image is as valid as the original); this averages out some of the network's
+    error.
+    """
+    if not flip_average:
+        return network(inputs).clamp(max=5.0).exp()
+    b = inputs.shape[0]
+    views = torch.cat([inputs, inputs.flip(-1), inputs.flip(-2), inputs.flip(-2, -1)])
+    ratio = network(views).clamp(max=5.0).exp()
+    return (ratio[:b] + ratio[b : 2 * b].flip(-1) + ratio[2 * b : 3 * b].flip(-2) + ratio[3 * b :].flip(-2, -1)) / 4
+
+
 def bin_grid(height: int, width: int, pixel_pitch_mm: tuple[float, float]) -> tuple[int, int]:
     """Bins ``(rows, cols)`` of about ``BIN_MM`` for an ``height x width`` detector of pitch (row, col) mm."""
     rows = max(1, round(height * float(pixel_pitch_mm[0]) / BIN_MM))
@@ -161,13 +176,17 @@ class ScatterCNN(nn.Module):
     Args:
         weights: a checkpoint written by ``save`` (default: the shipped weights); None with ``network`` given.
         network: a ``ScatterUNet`` to use instead of loading one.
+        flip_average: average the predictions for the four mirror images of the scene (``predict_ratio``).
 
     The network was trained on Monte Carlo scatter (``transport``) of the chest CT and procedural torso phantoms,
     60-120 kVp, without an anti-scatter grid, energy-integrating detector: it is an estimate for such scenes.
     """
 
-    def __init__(self, weights: str | Path | None = None, network: ScatterUNet | None = None) -> None:
+    def __init__(
+        self, weights: str | Path | None = None, network: ScatterUNet | None = None, flip_average: bool = False
+    ) -> None:
         super().__init__()
+        self.flip_average = bool(flip_average)
         self.metadata: dict = {}
         if network is None:
             network, self.metadata = _load(weights)
@@ -212,8 +231,7 @@ class ScatterCNN(nn.Module):
         for column, value in enumerate((kvp, mean_energy_keV, bin_pitch, sdd_mm)):
             scalars[:, column] = float(value)
         x, _ = network_inputs(t, m, scalars)
-        log_ratio = self.network(x)[:, :, :rows, :cols]
-        ratio = log_ratio.clamp(max=5.0).exp()
+        ratio = predict_ratio(self.network, x, self.flip_average)[:, :, :rows, :cols]
         return F.interpolate(ratio, size=(height, width), mode="bilinear", align_corners=False).to(transmission.dtype)
 
     def forward(
