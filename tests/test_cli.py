@@ -174,8 +174,9 @@ def test_cli_png_8_and_16_bit(tmp_path) -> None:
             {"spectrum": "120kVp", "supersample": 2, "mode": "trilinear", "step": 3.0},
             "line_integral",
         ),  # fmt: skip
+        (["--scatter", "cnn", "--output", "intensity"], {"scatter": "cnn"}, "intensity"),
     ],
-    ids=["default", "custom kVp intensity", "mono flat field", "trilinear supersampled"],
+    ids=["default", "custom kVp intensity", "mono flat field", "trilinear supersampled", "cnn scatter"],
 )
 def test_cli_tiff_holds_the_drr_values(tmp_path, volume, argv, drr_kwargs, output) -> None:
     out = tmp_path / "x.tif"
@@ -189,6 +190,19 @@ def test_cli_tiff_holds_the_drr_values(tmp_path, volume, argv, drr_kwargs, outpu
     assert got.dtype == np.float32 and got.shape == (1, ROWS, COLS)
     torch.testing.assert_close(torch.from_numpy(got), expected[0].float(), rtol=1e-5, atol=1e-6)
     assert float(expected.std()) > 0  # a real image, not a constant
+
+
+def test_cli_scatter_adds_signal_and_refuses_what_it_cannot_model(tmp_path, capsys) -> None:
+    plain, learned = tmp_path / "plain.tif", tmp_path / "cnn.tif"
+    assert main(["render", *SMALL, "--output", "intensity", "--out", str(plain)]) == 0
+    assert main(["render", *SMALL, "--output", "intensity", "--scatter", "cnn", "--out", str(learned)]) == 0
+    assert "scatter cnn" in capsys.readouterr().out
+    assert (read_tiff(learned) > read_tiff(plain)).all()
+    assert run(["render", *SMALL, "--scatter", "cnn", "--detector", "photon-counting", "--out", "x.png"]) == 2
+    assert "--scatter cnn needs --detector energy-integrating" in capsys.readouterr().err
+    assert run(["render", *SMALL, "--scatter", "montecarlo", "--physics", "line-integral", "--out", "x.png"]) == 2
+    assert "drop --scatter" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x.png"))
 
 
 def test_cli_photon_counting_two_bins_gives_two_pages(tmp_path, volume) -> None:
