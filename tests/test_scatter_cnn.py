@@ -218,3 +218,25 @@ def test_flip_average_is_the_mean_of_the_mirror_images(shipped):
     averaged = ScatterCNN(flip_average=True)
     t, m = 0.05 + 0.9 * torch.rand(1, 1, 40, 50), 30.0 * torch.rand(1, 1, 40, 50)
     assert averaged.scatter_ratio(t, m, (1.0, 1.0), 1020.0, 90.0, 50.0).shape == (1, 1, 40, 50)
+
+
+def test_training_entry_point(tmp_path):
+    """One epoch of the Lightning training on the committed cases: it writes loadable weights with its record."""
+    import shutil
+
+    from torchdrr.learned.scatter_training import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(HELDOUT, data / "train-00000.npz")
+    shutil.copy(HELDOUT, data / "heldout-00000.npz")
+    out = tmp_path / "net.pt"
+    record = train(data, out, epochs=1, batch_size=8, widths=(8, 8, 8, 8), device="cpu", log_dir=tmp_path / "logs",
+                   progress=False)  # fmt: skip
+    assert record["training_cases"] == 44 and record["validation_cases"] == 4 and record["steps_run"] == 5
+    assert record["heldout"]["cases"] == 48
+    loaded = ScatterCNN(out)
+    assert loaded.network.widths == (8, 8, 8, 8)
+    assert loaded.metadata["heldout"]["relative_rmse"]["median"] == pytest.approx(
+        record["heldout"]["relative_rmse"]["median"]
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchdrr.io.writers import atomic_write
 from torchdrr.physics.segmentation import MaterialChannels, ProbabilityMapSegmentation
 
 __all__ = [
@@ -546,15 +546,7 @@ class NetworkSegmentation(nn.Module):
         """
         path = Path(path)
         data = self.checkpoint(half=half)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            torch.save(data, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda handle: torch.save(data, handle))
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> NetworkSegmentation:

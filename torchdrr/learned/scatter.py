@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from ..io.writers import atomic_write
 
 __all__ = [
     "BIN_MM",
@@ -275,14 +275,7 @@ def save_network(network: ScatterUNet, path: str | Path, metadata: dict | None =
     plain = json.loads(json.dumps(metadata or {}, default=str))  # plain types, so weights_only can load them
     payload = {"format": "torchdrr-scatter-cnn-1", "widths": list(network.widths),
                "in_channels": network.in_channels, "state_dict": state, "metadata": plain}  # fmt: skip
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def _load(weights: str | Path | None) -> tuple[ScatterUNet, dict]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from ..drr import DRR
 from ..geometry import Camera, carm_extrinsics, intrinsic_matrix
 from ..io import Volume
 from ..io.volume import bundled_ct_path
+from ..io.writers import atomic_write
 from ..physics.montecarlo import transport
 from ..physics.scatter_data import majorant, transport_tables
 from ..physics.spectra import spectrum
@@ -219,14 +218,7 @@ def _write_shard(path: Path, cases: list[ScatterCase], records: list[dict]) -> N
     arrays["parameters"] = np.array(json.dumps([asdict(c) for c in cases]))
     arrays["scalar_names"] = np.array(json.dumps(list(SCALAR_NAMES)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-    os.close(handle)
-    try:
-        np.savez_compressed(temporary, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def simulate_cases(

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .scatter import ScatterUNet, network_inputs, predict_ratio, save_network
 from .scatter_data import CANVAS, load_cases
+from .training import warmup_cosine_schedule
 
 __all__ = ["ScatterModule", "case_tensors", "evaluate_cases", "train"]
 
@@ -64,7 +65,6 @@ class ScatterModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.network = ScatterUNet(tuple(widths))
-        self._started: float | None = None
 
     def forward(self, inputs: Tensor) -> Tensor:
         """Scatter-to-flat ratio ``[N, CANVAS, CANVAS]``."""
@@ -93,22 +93,8 @@ class ScatterModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate,
                                       weight_decay=self.hparams.weight_decay)  # fmt: skip
         total = max(1, int(self.hparams.total_steps))
-        warm_up = max(1, total // 50)
-
-        budget_s = 60.0 * self.hparams.max_minutes if self.hparams.max_minutes else None
-
-        def factor(step: int) -> float:
-            # Cosine decay over the steps, or over the time budget when that runs out first.
-            if step < warm_up:
-                return (step + 1) / warm_up
-            progress = (step - warm_up) / max(1, total - warm_up)
-            if budget_s is not None:
-                self._started = self._started if self._started is not None else time.perf_counter()
-                progress = max(progress, (time.perf_counter() - self._started) / budget_s)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine_schedule(optimizer, total, max(1, total // 50), self.hparams.max_minutes)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 @torch.no_grad()

@@ -148,7 +148,6 @@ class MaterialSegmentationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self._started: float | None = None
         self.patch = tuple(int(n) for n in patch)
         self.spacing_mm = tuple(float(s) for s in spacing_mm)
         self.phantom_shape = tuple(int(n) for n in phantom_shape)
@@ -198,21 +197,30 @@ class MaterialSegmentationModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate, weight_decay=1e-4)
         total = max(1, int(self.hparams.total_steps))
-        warm_up = max(1, total // 20)
+        schedule = warmup_cosine_schedule(optimizer, total, max(1, total // 20), self.hparams.max_minutes)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
-        budget_s = 60.0 * self.hparams.max_minutes if self.hparams.max_minutes else None
 
-        def factor(step: int) -> float:
-            if step < warm_up:
-                return (step + 1) / warm_up
-            progress = (step - warm_up) / max(1, total - warm_up)
-            if budget_s is not None:
-                self._started = self._started if self._started is not None else time.perf_counter()
-                progress = max(progress, (time.perf_counter() - self._started) / budget_s)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warm_up: int, max_minutes: float | None = None
+) -> dict:
+    """Lightning's ``lr_scheduler`` entry (stepped every step): a linear warm-up over ``warm_up`` steps, then a cosine
+    decay to zero over the remaining steps or over ``max_minutes`` of wall time, whichever runs out first (so a run
+    stopped by its time budget still ends at a low learning rate)."""
+    budget_s = 60.0 * max_minutes if max_minutes else None
+    started: list[float] = []  # the wall time of the first step after the warm-up
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def factor(step: int) -> float:
+        if step < warm_up:
+            return (step + 1) / warm_up
+        progress = (step - warm_up) / max(1, total_steps - warm_up)
+        if budget_s is not None:
+            if not started:
+                started.append(time.perf_counter())
+            progress = max(progress, (time.perf_counter() - started[0]) / budget_s)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
 
 
 def train(
