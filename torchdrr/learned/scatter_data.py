@@ -89,7 +89,8 @@ def _training_kvp(rng: np.random.Generator) -> float:
 def case_parameters(split: str, index: int) -> ScatterCase:
     """The parameters of case ``index`` of ``split`` ("train" or "heldout").
 
-    Every fourth group of ``VIEWS_PER_PHANTOM`` consecutive cases shares a phantom; half the cases are chest views.
+    Consecutive cases come in groups of ``VIEWS_PER_PHANTOM`` that share a volume: even groups view the chest CT,
+    odd groups one phantom each (so half the cases are chest views).
     """
     if split not in _SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
