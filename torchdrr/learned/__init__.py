@@ -6,10 +6,16 @@
 - ``training``: the Lightning module and the command that trains the shipped weights.
 - ``evaluate``: Dice per material on held-out phantoms against the best HU thresholds.
 - ``inference``: segmenting a real CT at the network's voxel size and back on the CT's grid.
+
+Learned scatter:
+
+- ``scatter``: ``ScatterCNN`` (``DRR(scatter="cnn")``) and its ``ScatterUNet``.
+- ``scatter_data``: Monte Carlo training and held-out cases; ``scatter_training``: the Lightning training.
 """
 
 from .network import MaterialUNet, NetworkSegmentation, sliding_window_logits
 from .phantoms import MATERIAL_CLASSES, Phantom, PhantomOptions, make_phantom
+from .scatter import ScatterCNN, ScatterUNet
 
 __all__ = [
     "MATERIAL_CLASSES",
@@ -17,6 +23,8 @@ __all__ = [
     "NetworkSegmentation",
     "Phantom",
     "PhantomOptions",
+    "ScatterCNN",
+    "ScatterUNet",
     "make_phantom",
     "sliding_window_logits",
 ]
