@@ -1,4 +1,4 @@
-"""Learned material decomposition: a 3D network that splits a CT into materials where HU thresholds fail.
+"""Learned models: a 3D network that splits a CT into materials where HU thresholds fail, and the scatter CNN.
 
 - ``phantoms``: procedural torso phantoms with known materials (the training data).
 - ``network``: ``MaterialUNet`` (a small 3D U-Net), sliding-window inference, ``NetworkSegmentation`` (a DRR
