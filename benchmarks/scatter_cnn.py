@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def network() -> torch.Tensor:
         with torch.no_grad():
-            return cnn.scatter_ratio(transmission, mass, (args.pitch, args.pitch), 1020.0, 90.0, 50.0)
+            return cnn.scatter_ratio(transmission, mass, (args.pitch, args.pitch), 1020.0, 90.0, 50.0, 170.0)
 
     result["cnn_eager_ms"] = _time(network, device, args.repeats)
     print(f"scatter CNN {height}x{width}, eager: {result['cnn_eager_ms']:.3f} ms")

@@ -16,6 +16,7 @@ from torchdrr.learned.scatter import (
     ScatterUNet,
     bin_grid,
     network_inputs,
+    object_detector_distance,
     predict_ratio,
     save_network,
     spectrum_scalars,
@@ -77,7 +78,7 @@ def test_simulated_cases_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
     cases = load_cases(tmp_path)
     inputs, targets, mask = case_tensors(cases)
-    assert inputs.shape == (2, 7, 64, 64) and targets.shape == mask.shape == (2, 64, 64)
+    assert inputs.shape == (2, 8, 64, 64) and targets.shape == mask.shape == (2, 64, 64)
     field = mask.bool()
     t, t_mc = cases["transmission"][field], cases["mc_transmission"][field]
     assert float((t_mc * t).sum() / (t * t).sum()) == pytest.approx(1.0, abs=0.05)
@@ -88,14 +89,14 @@ def test_network_inputs_and_grid():
     assert bin_grid(960, 1240, (0.3, 0.3)) == (41, 53)
     assert bin_grid(4, 4, (0.1, 0.1)) == (1, 1)
     t = torch.full((2, 5, 9), 0.5)
-    x, field = network_inputs(t, torch.full_like(t, 20.0), torch.tensor([[90.0, 50.0, 7.0, 1000.0]] * 2))
-    assert field == (5, 9) and x.shape == (2, 7, 8, 16)
+    x, field = network_inputs(t, torch.full_like(t, 20.0), torch.tensor([[90.0, 50.0, 7.0, 1000.0, 200.0]] * 2))
+    assert field == (5, 9) and x.shape == (2, 8, 8, 16)
     assert torch.allclose(x[:, 0, :5, :9], torch.full((2, 5, 9), float(np.log(2.0)) / 4.0))
     assert float(x[:, 2].sum()) == 2 * 45  # the field mask
     assert float(x[:, 0, 5:].abs().sum()) == 0.0  # zero outside the field
-    assert torch.allclose(x[:, 3:, 0, 0], torch.tensor([[0.9, 1.0, 1.0, 1.0]] * 2))
+    assert torch.allclose(x[:, 3:, 0, 0], torch.tensor([[0.9, 1.0, 1.0, 1.0, 0.8]] * 2))
     with pytest.raises(ValueError, match="multiple of 8"):
-        ScatterUNet()(torch.zeros(1, 7, 12, 16))
+        ScatterUNet()(torch.zeros(1, 8, 12, 16))
     kvp, mean_energy = spectrum_scalars(*spectrum_preset("90kVp"))
     assert kvp == pytest.approx(90.0, abs=1.0) and 40.0 < mean_energy < 60.0
 
@@ -110,7 +111,7 @@ def test_scatter_ratio_gradcheck():
     mass = (10.0 * torch.rand(1, 1, 12, 10, dtype=torch.float64)).requires_grad_(True)
 
     def ratio(t, m):
-        return cnn.scatter_ratio(t, m, (10.0, 10.0), 1000.0, 90.0, 50.0)
+        return cnn.scatter_ratio(t, m, (10.0, 10.0), 1000.0, 90.0, 50.0, 180.0)
 
     assert torch.autograd.gradcheck(ratio, (transmission, mass), eps=1e-6, atol=1e-7)
 
@@ -132,10 +133,12 @@ def test_drr_cnn_scatter_is_added_and_differentiable(shipped):
     flat = DRR(MaterialChannels(torch.zeros_like(densities), materials), affine, **kwargs)
     camera = _camera(12, 10, 8.0, torch.tensor([24.0, 24.0, 24.0], dtype=torch.float64))
     total, primary, open_field = with_cnn(camera), plain(camera), flat(camera)
+    gap = object_detector_distance(camera, with_cnn.volume_center)
+    assert float(gap) == pytest.approx(1020.0 - 850.0, abs=2.0)  # the C-arm's isocentre is the volume's centre
     ratio = with_cnn.scatter.scatter_ratio(
         primary / open_field,
         plain.material_line_integrals(camera).sum(-1).reshape(1, 1, 12, 10),
-        (8.0, 8.0), 1020.0, *spectrum_scalars(*spectrum_preset("90kVp")),
+        (8.0, 8.0), 1020.0, *spectrum_scalars(*spectrum_preset("90kVp")), gap,
     )  # fmt: skip
     assert torch.allclose(total - primary, ratio * open_field, rtol=1e-9, atol=1e-12)
     assert float((total - primary).min()) > 0
@@ -180,7 +183,7 @@ def test_bad_input(tmp_path, shipped):
         ScatterCNN(network=torch.nn.Linear(2, 2))
     t = torch.full((1, 1, 8, 8), 0.5)
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
-        shipped.scatter_ratio(t, torch.ones(1, 1, 8, 7), (1.0, 1.0), 1000.0, 90.0, 50.0)
+        shipped.scatter_ratio(t, torch.ones(1, 1, 8, 7), (1.0, 1.0), 1000.0, 90.0, 50.0, 200.0)
     with pytest.raises(ValueError, match="no photons"):
         spectrum_scalars(torch.arange(3.0), torch.zeros(3))
 
@@ -199,15 +202,15 @@ def test_cuda_matches_cpu(shipped):
     torch.manual_seed(0)
     t = 0.05 + 0.9 * torch.rand(2, 1, 96, 124)
     m = 30.0 * torch.rand(2, 1, 96, 124)
-    cpu = shipped.scatter_ratio(t, m, (3.0, 3.0), 1020.0, 90.0, 50.0)
-    gpu = ScatterCNN().cuda().scatter_ratio(t.cuda(), m.cuda(), (3.0, 3.0), 1020.0, 90.0, 50.0)
+    cpu = shipped.scatter_ratio(t, m, (3.0, 3.0), 1020.0, 90.0, 50.0, 200.0)
+    gpu = ScatterCNN().cuda().scatter_ratio(t.cuda(), m.cuda(), (3.0, 3.0), 1020.0, 90.0, 50.0, 200.0)
     assert torch.allclose(gpu.cpu(), cpu, rtol=1e-3, atol=1e-6)
 
 
 def test_flip_average_is_the_mean_of_the_mirror_images(shipped):
     torch.manual_seed(1)
-    x, _ = network_inputs(0.05 + 0.9 * torch.rand(2, 20, 27), 30.0 * torch.rand(2, 20, 27),
-                          torch.tensor([[70.0, 40.0, 7.0, 1000.0], [110.0, 55.0, 7.2, 1200.0]]))  # fmt: skip
+    scalars = torch.tensor([[70.0, 40.0, 7.0, 1000.0, 150.0], [110.0, 55.0, 7.2, 1200.0, 300.0]])
+    x, _ = network_inputs(0.05 + 0.9 * torch.rand(2, 20, 27), 30.0 * torch.rand(2, 20, 27), scalars)
     single = predict_ratio(shipped.network, x, flip_average=False)
     manual = sum(
         predict_ratio(shipped.network, x.flip(dims), flip_average=False).flip(dims) if dims else single
@@ -217,7 +220,7 @@ def test_flip_average_is_the_mean_of_the_mirror_images(shipped):
     assert not torch.allclose(manual, single, rtol=1e-3)
     averaged = ScatterCNN(flip_average=True)
     t, m = 0.05 + 0.9 * torch.rand(1, 1, 40, 50), 30.0 * torch.rand(1, 1, 40, 50)
-    assert averaged.scatter_ratio(t, m, (1.0, 1.0), 1020.0, 90.0, 50.0).shape == (1, 1, 40, 50)
+    assert averaged.scatter_ratio(t, m, (1.0, 1.0), 1020.0, 90.0, 50.0, 200.0).shape == (1, 1, 40, 50)
 
 
 def test_training_entry_point(tmp_path):

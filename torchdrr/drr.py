@@ -774,7 +774,8 @@ class DRR(nn.Module):
             if isinstance(self.scatter, ScatterCNN):
                 flat = log_flat.exp().reshape(b, k, h, w)
                 material_integrals = pixel_integrals.transpose(1, 2).reshape(b, -1, h, w)
-                scatter = self.scatter(primary, flat, material_integrals, camera, (self.energy_keV, p))
+                spectrum = (self.energy_keV, p)
+                scatter = self.scatter(primary, flat, material_integrals, camera, spectrum, self.volume_center)
             elif isinstance(self.scatter, MonteCarloScatter):
                 scatter = self.scatter.estimate(
                     self.material_volume().detach()[: len(self.materials)], self.affine, self.materials, camera,

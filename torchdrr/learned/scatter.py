@@ -10,8 +10,10 @@ What the network sees, per bin (``network_inputs``):
 - the polychromatic line integral ``-log T`` of the primary (``T = primary / flat field``);
 - the summed mass thickness of all materials (g/cm^2), the amount of matter that scatters;
 - a mask of the irradiated field (the bins are padded to a multiple of 8 with zeros: no field, no scatter);
-- four numbers broadcast over the grid: the tube voltage (kVp), the mean photon energy of the beam (keV), the bin
-  pitch (mm) and the source-to-detector distance (mm).
+- five numbers broadcast over the grid: the tube voltage (kVp), the mean photon energy of the beam (keV), the bin
+  pitch (mm), the source-to-detector distance (mm) and the object-to-detector distance (mm, from the volume's centre
+  along the central ray: the air gap, which decides how much scatter reaches the detector and which the images
+  alone do not show).
 
 It predicts the scatter-to-flat ratio ``S / I_flat``: the scatter signal per unit of the flat-field signal, which the
 DRR multiplies by its flat field (N0, spectrum, detector, falloff). The training data and the command that makes the
@@ -38,6 +40,7 @@ __all__ = [
     "ScatterUNet",
     "bundled_scatter_weights_path",
     "network_inputs",
+    "object_detector_distance",
 ]
 
 #: Detector bin pitch (mm) the network works at.
@@ -45,8 +48,8 @@ BIN_MM = 7.0
 #: The grid is padded to a multiple of this (three 2x poolings).
 GRID_MULTIPLE = 8
 #: The per-image numbers the network takes, in order, and the scale that brings each near 1.
-SCALAR_NAMES = ("kvp", "mean_energy_keV", "bin_pitch_mm", "sdd_mm")
-_SCALAR_SCALES = (100.0, 50.0, BIN_MM, 1000.0)
+SCALAR_NAMES = ("kvp", "mean_energy_keV", "bin_pitch_mm", "sdd_mm", "object_detector_mm")
+_SCALAR_SCALES = (100.0, 50.0, BIN_MM, 1000.0, 250.0)
 #: Scale of the line integral and mass thickness maps (typical chest values map near 1).
 _LINE_INTEGRAL_SCALE = 4.0
 _MASS_SCALE = 20.0  # g/cm^2
@@ -79,7 +82,7 @@ class ScatterUNet(nn.Module):
     channel), so every bin sees the whole field: scatter reaches across the detector.
     """
 
-    def __init__(self, widths: tuple[int, int, int, int] = (24, 48, 96, 128), in_channels: int = 7) -> None:
+    def __init__(self, widths: tuple[int, int, int, int] = (24, 48, 96, 128), in_channels: int = 8) -> None:
         super().__init__()
         self.widths, self.in_channels = tuple(int(w) for w in widths), int(in_channels)
         w0, w1, w2, w3 = self.widths
@@ -110,7 +113,7 @@ class ScatterUNet(nn.Module):
 
 
 def predict_ratio(network: ScatterUNet, inputs: Tensor, flip_average: bool = True) -> Tensor:
-    """The network's scatter-to-flat ratio ``[B, 1, H', W']`` on padded inputs ``[B, 7, H', W']``.
+    """The network's scatter-to-flat ratio ``[B, 1, H', W']`` on padded inputs ``[B, 8, H', W']``.
 
     ``flip_average``: average the predictions of the four mirror images of the scene (one batched pass; training
     flips at random, so each mirror image is as valid as the original); this averages out some of the network's
@@ -139,11 +142,11 @@ def network_inputs(
     Args:
         transmission: ``[B, h, w]`` primary / flat field per bin (mean over the bin's pixels), in (0, 1].
         mass_thickness: ``[B, h, w]`` summed material mass thickness per bin, g/cm^2.
-        scalars: ``[B, 4]`` per-image numbers in the order of ``SCALAR_NAMES`` (kVp, keV, mm, mm).
+        scalars: ``[B, 5]`` per-image numbers in the order of ``SCALAR_NAMES`` (kVp, keV, mm, mm, mm).
         grid: the padded grid size (default: h and w rounded up to a multiple of 8).
 
     Returns:
-        ``([B, 7, H', W'], (h, w))``: the inputs (zero outside the field) and the field's size.
+        ``([B, 8, H', W'], (h, w))``: the inputs (zero outside the field) and the field's size.
     """
     b, h, w = transmission.shape
     if grid is None:
@@ -168,6 +171,14 @@ def spectrum_scalars(energy_keV: Tensor, photons: Tensor) -> tuple[float, float]
     step = float(energy[1] - energy[0]) if energy.numel() > 1 else 1.0
     kvp = float(energy[int(nonzero[-1])]) + 0.5 * step
     return kvp, float((weights * energy).sum() / weights.sum())
+
+
+def object_detector_distance(camera, object_centre: Tensor) -> Tensor:
+    """``[B]`` distance (mm) from ``object_centre`` ``[3]`` (world mm) to each camera's detector plane, along the
+    central ray: SDD minus the point's depth in the camera frame (computed on the cameras' device, no host copy)."""
+    rotation, translation = camera.rotation, camera.translation
+    depth = rotation[:, 2] @ object_centre.to(rotation) + translation[:, 2]  # z of R c + t
+    return float(camera.sdd_mm) - depth
 
 
 class ScatterCNN(nn.Module):
@@ -205,6 +216,7 @@ class ScatterCNN(nn.Module):
         sdd_mm: float,
         kvp: float,
         mean_energy_keV: float,
+        object_detector_mm: float | Tensor,
     ) -> Tensor:
         """Scatter / flat-field signal ``[B, 1, H, W]`` (dimensionless) at full resolution.
 
@@ -214,6 +226,8 @@ class ScatterCNN(nn.Module):
             pixel_pitch_mm: detector pixel pitch (row, col), mm.
             sdd_mm: source-to-detector distance, mm.
             kvp: tube voltage, kVp; mean_energy_keV: mean photon energy of the beam, keV.
+            object_detector_mm: distance from the object's centre to the detector along the central ray, mm: a
+                number, or ``[B]`` (one per image) on the images' device.
         """
         if transmission.dim() != 4 or transmission.shape[1] != 1 or mass_thickness.shape != transmission.shape:
             raise ValueError(
@@ -230,6 +244,7 @@ class ScatterCNN(nn.Module):
         scalars = t.new_empty((b, len(SCALAR_NAMES)))
         for column, value in enumerate((kvp, mean_energy_keV, bin_pitch, sdd_mm)):
             scalars[:, column] = float(value)
+        scalars[:, 4] = object_detector_mm if isinstance(object_detector_mm, Tensor) else float(object_detector_mm)
         x, _ = network_inputs(t, m, scalars)
         ratio = predict_ratio(self.network, x, self.flip_average)[:, :, :rows, :cols]
         return F.interpolate(ratio, size=(height, width), mode="bilinear", align_corners=False).to(transmission.dtype)
@@ -241,6 +256,7 @@ class ScatterCNN(nn.Module):
         material_integrals: Tensor,
         camera,
         spectrum: tuple[Tensor, Tensor],
+        object_centre: Tensor,
     ) -> Tensor:
         """Expected scatter signal ``[B, 1, H, W]`` in the primary's units.
 
@@ -250,6 +266,7 @@ class ScatterCNN(nn.Module):
             material_integrals: ``[B, M, H, W]`` mass thickness of each material, g/cm^2.
             camera: the ``Camera`` (pixel pitch and SDD are read from it).
             spectrum: ``(energy_keV [E], photons [E])`` of the beam.
+            object_centre: ``[3]`` world point (mm) of the object's centre (the DRR passes its volume's centre).
         """
         if primary.dim() != 4 or primary.shape[1] != 1:
             raise ValueError(f"primary must be [B, 1, H, W] (energy-integrating), got {tuple(primary.shape)}")
@@ -258,7 +275,8 @@ class ScatterCNN(nn.Module):
         kvp, mean_energy = spectrum_scalars(*spectrum)
         transmission = primary / flat_field
         mass = material_integrals.sum(1, keepdim=True)
-        ratio = self.scatter_ratio(transmission, mass, pitch, float(camera.sdd_mm), kvp, mean_energy)
+        gap = object_detector_distance(camera, object_centre.to(transmission.device))
+        ratio = self.scatter_ratio(transmission, mass, pitch, float(camera.sdd_mm), kvp, mean_energy, gap)
         return ratio * flat_field
 
     def save(self, path: str | Path, metadata: dict | None = None, half: bool = True) -> None:

@@ -124,6 +124,17 @@ def case_parameters(split: str, index: int) -> ScatterCase:
     )
 
 
+def object_detector_mm(case: ScatterCase | dict) -> float:
+    """The case's object-to-detector distance (mm): from the volume's centre to the detector along the central ray
+    (the isocentre sits ``sod_mm`` from the source; the volume's centre is ``translation_mm`` away from it)."""
+    c = case if isinstance(case, dict) else asdict(case)
+    rotation, _ = carm_extrinsics(
+        c["primary_deg"], c["secondary_deg"], c["sod_mm"], torch.zeros(3, dtype=torch.float64)
+    )
+    axis = rotation.reshape(3, 3)[2]  # the central ray's direction in the world
+    return c["sdd_mm"] - c["sod_mm"] + float(torch.tensor(c["translation_mm"], dtype=torch.float64) @ axis)
+
+
 def case_camera(case: ScatterCase, isocenter: Tensor, fine: int = 1) -> Camera:
     """The case's camera: ``rows x cols`` bins of ``bin_pitch_mm`` (``fine`` x finer pixels over the same field)."""
     centre = isocenter + torch.tensor(case.translation_mm, dtype=torch.float64)
@@ -208,7 +219,9 @@ def simulate_case(
         "scatter_ratio_error": canvas(tally["scatter_error"] / flat_bins),
         "single_ratio": canvas(tally["single"] / flat_bins),
         "mc_transmission": canvas(tally["primary"] / flat_bins, 1.0),
-        "scalars": np.array([kvp, mean_energy, case.bin_pitch_mm, case.sdd_mm], dtype=np.float32),
+        "scalars": np.array(
+            [kvp, mean_energy, case.bin_pitch_mm, case.sdd_mm, object_detector_mm(case)], dtype=np.float32
+        ),  # fmt: skip
         "field": np.array([case.rows, case.cols], dtype=np.int32),
         "photons_per_pixel": np.array(tally["photons"], dtype=np.float64),
     }
@@ -319,6 +332,10 @@ def load_cases(paths: list[Path] | Path) -> dict[str, Tensor | list]:
             parts.setdefault("parameters", []).extend(json.loads(str(data["parameters"])))
     out: dict[str, Tensor | list] = {k: torch.cat(v) for k, v in parts.items() if k != "parameters"}
     out["parameters"] = parts["parameters"]
+    if out["scalars"].shape[1] == len(SCALAR_NAMES) - 1:
+        # Shards made before the object-to-detector distance was an input: it follows from each case's geometry.
+        gaps = torch.tensor([[object_detector_mm(p)] for p in out["parameters"]], dtype=out["scalars"].dtype)
+        out["scalars"] = torch.cat([out["scalars"], gaps], dim=1)
     return out
 
 
