@@ -360,6 +360,13 @@ def main(argv: list[str] | None = None) -> None:
                              "(default 0.019 for held-out)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    for name, value in (("--count", args.count), ("--shard", args.shard)):
+        if value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
+    if args.first < 0:
+        parser.error(f"--first must be >= 0, got {args.first}")
+    if args.ct is not None and not args.ct.exists():
+        parser.error(f"--ct: CT not found: {args.ct}")
     ppp = args.photons_per_pixel or (2e5 if args.split == "heldout" else 1e4)
     target = args.target_noise if args.target_noise is not None else (0.019 if args.split == "heldout" else None)
     if not (math.isfinite(ppp) and ppp > 0):

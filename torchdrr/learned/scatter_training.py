@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .scatter import ScatterUNet, network_inputs, predict_ratio, save_network
+from .scatter import ScatterCNN, ScatterUNet, network_inputs, predict_ratio, save_network
 from .scatter_data import CANVAS, load_cases
 from .training import warmup_cosine_schedule
 
@@ -182,10 +182,12 @@ def train(
     val_set = TensorDataset(inputs[val], targets[val], mask[val])
     steps = epochs * math.ceil(len(fit_set) / batch_size)
     module = ScatterModule(tuple(widths), learning_rate, steps, max_minutes=max_minutes)
+    initialised_from = None
     if init is not None:
-        from .scatter import ScatterCNN
-
-        module.network.load_state_dict(ScatterCNN(init).network.state_dict())
+        start = ScatterCNN(init)  # read once: its weights and the record of how they were made
+        module.network.load_state_dict(start.network.state_dict())
+        initialised_from = {"file": Path(init).name, "training_seconds": start.metadata.get("training_seconds"),
+                            "training_cases": start.metadata.get("training_cases")}  # fmt: skip
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     trainer = pl.Trainer(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, accelerator=accelerator,
@@ -205,15 +207,7 @@ def train(
         "epochs_run": int(trainer.current_epoch),
         "steps_run": int(trainer.global_step),
         "training_cases": int(len(fit)),
-        "initialised_from": (
-            {
-                "file": Path(init).name,
-                "training_seconds": checkpoint_metadata(init).get("training_seconds"),
-                "training_cases": checkpoint_metadata(init).get("training_cases"),
-            }
-            if init is not None
-            else None
-        ),
+        "initialised_from": initialised_from,
         "validation_cases": int(n_val),
         "validation": evaluate_cases(
             network, {k: (v[val] if isinstance(v, Tensor) else [v[i] for i in val]) for k, v in cases.items()}
@@ -224,13 +218,6 @@ def train(
         record["heldout"] = evaluate_cases(network, load_cases(heldout_files))
     save_network(network, out, metadata=record)
     return record
-
-
-def checkpoint_metadata(path: Path) -> dict:
-    """The metadata stored with a scatter CNN checkpoint."""
-    from .scatter import ScatterCNN
-
-    return ScatterCNN(path).metadata
 
 
 def main(argv: list[str] | None = None) -> None:
