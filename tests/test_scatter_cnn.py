@@ -179,6 +179,9 @@ def test_bad_input(tmp_path, shipped):
     torch.save({"format": "something else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a scatter CNN checkpoint"):
         ScatterCNN(tmp_path / "other.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt is not a scatter CNN checkpoint"):
+        ScatterCNN(tmp_path / "corrupt.pt")
     with pytest.raises(TypeError, match="ScatterUNet"):
         ScatterCNN(network=torch.nn.Linear(2, 2))
     t = torch.full((1, 1, 8, 8), 0.5)

@@ -300,7 +300,10 @@ def _load(weights: str | Path | None) -> tuple[ScatterUNet, dict]:
     path = Path(weights) if weights is not None else bundled_scatter_weights_path()
     if not path.exists():
         raise FileNotFoundError(f"scatter CNN weights not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which file, in one line
+        raise ValueError(f"{path} is not a scatter CNN checkpoint (torch.load failed: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != "torchdrr-scatter-cnn-1":
         raise ValueError(f"{path} is not a scatter CNN checkpoint (format torchdrr-scatter-cnn-1)")
     network = ScatterUNet(tuple(payload["widths"]), int(payload["in_channels"]))
