@@ -15,10 +15,12 @@ from torchdrr.learned.scatter import (
     ScatterCNN,
     ScatterUNet,
     bin_grid,
+    camera_pixel_pitch,
     network_inputs,
     object_detector_distance,
     predict_ratio,
     save_network,
+    spectrum_numbers,
     spectrum_scalars,
 )
 from torchdrr.learned.scatter_data import HELDOUT_KVP, case_parameters, load_cases, simulate_cases
@@ -99,6 +101,25 @@ def test_network_inputs_and_grid():
         ScatterUNet()(torch.zeros(1, 8, 12, 16))
     kvp, mean_energy = spectrum_scalars(*spectrum_preset("90kVp"))
     assert kvp == pytest.approx(90.0, abs=1.0) and 40.0 < mean_energy < 60.0
+
+
+def test_host_free_scalars_match_the_host_ones():
+    """The forward pass reads the spectrum on its device and the pitch from a per-camera cache: same numbers as the
+    host versions, and the cache follows in-place changes of K."""
+    for preset in ("60kVp", "90kVp", "120kVp"):
+        energy, photons = spectrum_preset(preset)
+        kvp, mean_energy = spectrum_scalars(energy, photons)
+        numbers = spectrum_numbers(energy, photons)
+        assert float(numbers[0]) == pytest.approx(kvp, rel=1e-12) and float(numbers[1]) == pytest.approx(mean_energy)
+    weights = photons.clone().requires_grad_(True)
+    spectrum_numbers(energy, weights)[1].backward()  # the mean energy is differentiable in the spectrum
+    assert float(weights.grad.abs().sum()) > 0
+    camera = _camera(40, 30, 0.5, torch.zeros(3, dtype=torch.float64))
+    assert camera_pixel_pitch(camera) == pytest.approx((0.5, 0.5)) == camera.pixel_spacing_mm
+    assert camera_pixel_pitch(camera) == pytest.approx((0.5, 0.5))  # the cached answer
+    with torch.no_grad():
+        camera.intrinsics[0, 0] *= 2.0  # in place: the cache must notice
+    assert camera_pixel_pitch(camera) == pytest.approx((0.5, 0.25))
 
 
 def test_scatter_ratio_gradcheck():
@@ -210,6 +231,29 @@ def test_cuda_matches_cpu(shipped):
     assert torch.allclose(gpu.cpu(), cpu, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_path_matches_eager_and_keeps_gradients():
+    """Inference replays a captured CUDA graph: the same numbers as the eager network, for new inputs of the same
+    shape too (the graph reads its input buffer), and a call that needs gradients runs eagerly and gets them."""
+    torch.manual_seed(2)
+    graphed, eager = ScatterCNN().cuda(), ScatterCNN(cuda_graphs=False).cuda()
+    args = ((3.0, 3.0), 1020.0, 90.0, 50.0, 200.0)
+    for _ in range(2):
+        t = (0.05 + 0.9 * torch.rand(2, 1, 96, 124)).cuda()
+        m = (30.0 * torch.rand(2, 1, 96, 124)).cuda()
+        with torch.no_grad():
+            fast = graphed.scatter_ratio(t, m, *args)
+            reference = eager.scatter_ratio(t, m, *args)
+        assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-7)
+    assert len(graphed._graphs.entries) == 1  # one shape, one graph
+    t.requires_grad_(True)
+    out = graphed.scatter_ratio(t, m, *args)
+    assert out.requires_grad
+    out.sum().backward()
+    assert float(t.grad.abs().sum()) > 0
+    assert len(graphed._graphs.entries) == 1
+
+
 def test_flip_average_is_the_mean_of_the_mirror_images(shipped):
     torch.manual_seed(1)
     scalars = torch.tensor([[70.0, 40.0, 7.0, 1000.0, 150.0], [110.0, 55.0, 7.2, 1200.0, 300.0]])
@@ -243,6 +287,10 @@ def test_training_entry_point(tmp_path):
     assert record["heldout"]["cases"] == 48
     loaded = ScatterCNN(out)
     assert loaded.network.widths == (8, 8, 8, 8)
+    assert [stage["steps"] for stage in loaded.metadata["lineage"]] == [5]
+    tuned = train(data, tmp_path / "tuned.pt", epochs=1, batch_size=8, device="cpu", log_dir=tmp_path / "logs",
+                  progress=False, init=out, widths=(8, 8, 8, 8), spr_weight=2.0)  # fmt: skip
+    assert [stage["spr_weight"] for stage in tuned["lineage"]] == [1.0, 2.0]  # the start's runs, then this one
     assert loaded.metadata["heldout"]["relative_rmse"]["median"] == pytest.approx(
         record["heldout"]["relative_rmse"]["median"]
     )

@@ -2,10 +2,11 @@
 
 The loss of an image is its squared relative RMSE over the irradiated field, ``sum (S_pred - S_mc)^2 / sum S_mc^2``
 (the acceptance metric squared; the Monte Carlo noise of the targets adds a constant to it and no bias), plus the
-mean squared error of the log ratio per bin. Training
-flips the images at random (a mirrored scene scatters the mirrored way). A tenth of the training cases validates
-(the held-out cases are never looked at until the end). ``torchdrr/assets/make_scatter_net.sh`` has the commands that
-made the shipped weights (1,200 cases simulated on an H100, 21 minutes of training on a 2-core CPU).
+mean squared error of the log ratio per bin, plus the squared relative error of the mean scatter-to-primary ratio
+behind the body (the second acceptance metric). Training mirrors and transposes the images at random (a mirrored
+scene scatters the mirrored way; the bins are square, so a transposed scene is a mirrored one too). A tenth of the
+training cases validates (the held-out cases are never looked at until the end).
+``torchdrr/assets/make_scatter_net.sh`` has the commands that made the shipped weights.
 
     python -m torchdrr.learned.scatter_training --data data/scatter --out torchdrr/assets/scatter_net.pt
 """
@@ -14,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import random
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from .scatter import ScatterCNN, ScatterUNet, network_inputs, predict_ratio, save_network
+from .scatter import _LINE_INTEGRAL_SCALE, ScatterCNN, ScatterUNet, network_inputs, predict_ratio, save_network
 from .scatter_data import CANVAS, load_cases
 from .training import warmup_cosine_schedule
 
@@ -51,6 +52,19 @@ def relative_rmse(predicted: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return (error / (target**2 * mask).sum((-2, -1)).clamp_min(1e-30)).sqrt()
 
 
+#: Bins whose primary transmission is below this are "behind the body" for the mean-SPR figures.
+BODY_TRANSMISSION = 0.9
+
+
+def mean_spr(ratio: Tensor, transmission: Tensor, mask: Tensor) -> Tensor:
+    """``[N]`` mean scatter-to-primary ratio over the bins behind the body (field bins with ``T < 0.9``).
+
+    ``ratio``: scatter / flat field ``[N, h, w]``; ``transmission``: primary / flat field; ``mask``: the field."""
+    body = mask * (transmission < BODY_TRANSMISSION).to(mask.dtype)
+    spr = ratio / transmission.clamp_min(1e-7)
+    return (spr * body).sum((-2, -1)) / body.sum((-2, -1)).clamp_min(1.0)
+
+
 class ScatterModule(pl.LightningModule):
     """Lightning module of the scatter CNN (``ScatterUNet``), trained on the squared relative RMSE."""
 
@@ -61,6 +75,7 @@ class ScatterModule(pl.LightningModule):
         total_steps: int = 10_000,
         weight_decay: float = 1e-5,
         max_minutes: float | None = None,
+        spr_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -72,17 +87,24 @@ class ScatterModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_index: int) -> Tensor:
         inputs, targets, mask = batch
-        if torch.rand(()) < 0.5:
-            inputs, targets, mask = inputs.flip(-1), targets.flip(-1), mask.flip(-1)
-        if torch.rand(()) < 0.5:
-            inputs, targets, mask = inputs.flip(-2), targets.flip(-2), mask.flip(-2)
+        # One of the eight symmetries of the square grid, drawn on the host (no device read in the step).
+        flips = [dims for dims, draw in (((-1,), random.random()), ((-2,), random.random())) if draw < 0.5]
+        for dims in flips:
+            inputs, targets, mask = inputs.flip(dims), targets.flip(dims), mask.flip(dims)
+        if random.random() < 0.5:
+            inputs, targets, mask = inputs.transpose(-2, -1), targets.transpose(-2, -1), mask.transpose(-2, -1)
         log_predicted = self.network(inputs)[:, 0].clamp(max=5.0)
-        relative = (relative_rmse(log_predicted.exp(), targets, mask) ** 2).mean()
+        predicted = log_predicted.exp()
+        relative = (relative_rmse(predicted, targets, mask) ** 2).mean()
         # The log-space term keeps the gradient alive where the prediction is far below the target (the relative
         # MSE's gradient through exp() vanishes there) and weighs the dim bins too.
         log_error = ((log_predicted - targets.clamp_min(_LOG_FLOOR).log()) ** 2 * mask).sum() / mask.sum()
-        loss = relative + log_error
-        self.log_dict({"train/loss": loss, "train/relative_mse": relative, "train/log_mse": log_error}, prog_bar=True)
+        transmission = (-_LINE_INTEGRAL_SCALE * inputs[:, 0]).exp()
+        spr_mc = mean_spr(targets, transmission, mask)
+        spr_error = ((mean_spr(predicted, transmission, mask) / spr_mc.clamp_min(1e-6) - 1.0) ** 2).mean()
+        loss = relative + log_error + self.hparams.spr_weight * spr_error
+        self.log_dict({"train/loss": loss, "train/relative_mse": relative, "train/log_mse": log_error,
+                       "train/mean_spr_mse": spr_error}, prog_bar=True)  # fmt: skip
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_index: int) -> None:
@@ -114,11 +136,10 @@ def evaluate_cases(
                            for x in inputs.split(32)])  # fmt: skip
     errors = cases["scatter_ratio_error"].float() * mask
     transmission = cases["transmission"].float()
-    body = mask * (transmission < 0.9).float()
+    body = mask * (transmission < BODY_TRANSMISSION).float()
     spr_pred = predicted / transmission.clamp_min(1e-7)
     spr_mc = targets / transmission.clamp_min(1e-7)
-    count = body.sum((-2, -1)).clamp_min(1)
-    mean_pred, mean_mc = (spr_pred * body).sum((-2, -1)) / count, (spr_mc * body).sum((-2, -1)) / count
+    mean_pred, mean_mc = mean_spr(predicted, transmission, mask), mean_spr(targets, transmission, mask)
     per_case = {
         "relative_rmse": relative_rmse(predicted, targets, mask),
         "mc_noise": ((errors**2).sum((-2, -1)) / (targets**2).sum((-2, -1)).clamp_min(1e-30)).sqrt(),
@@ -149,6 +170,7 @@ def train(
     seed: int = 0,
     progress: bool = True,
     init: Path | None = None,
+    spr_weight: float = 1.0,
 ) -> dict:
     """Trains the scatter CNN on ``data/train-*.npz`` and evaluates it on ``data/heldout-*.npz``.
 
@@ -163,6 +185,7 @@ def train(
         progress: Lightning's progress bar.
         init: start from these weights (a checkpoint written by ``save_network``, e.g. an earlier run's) instead
             of a random initialisation.
+        spr_weight: weight of the mean-SPR term of the loss.
 
     Returns:
         The record written into the weights' metadata: training time, the validation and held-out figures.
@@ -178,17 +201,23 @@ def train(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, n // 10)
     val, fit = order[:n_val], order[n_val:]
-    fit_set = TensorDataset(inputs[fit], targets[fit], mask[fit])
-    val_set = TensorDataset(inputs[val], targets[val], mask[val])
-    steps = epochs * math.ceil(len(fit_set) / batch_size)
-    module = ScatterModule(tuple(widths), learning_rate, steps, max_minutes=max_minutes)
-    initialised_from = None
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    # The cases fit in GPU memory (about 130 kB each): keep them there and index whole batches at once, so a step
+    # costs no host-to-device copy and no per-case collation.
+    place = (lambda x: x.to(device)) if accelerator == "gpu" else (lambda x: x)  # noqa: E731
+    fit_set = TensorDataset(place(inputs[fit]), place(targets[fit]), place(mask[fit]))
+    val_set = TensorDataset(place(inputs[val]), place(targets[val]), place(mask[val]))
+    steps = epochs * (len(fit_set) // batch_size)
+    if steps < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the {len(fit_set)} training cases")
+    module = ScatterModule(tuple(widths), learning_rate, steps, max_minutes=max_minutes, spr_weight=spr_weight)
+    initialised_from, lineage = None, []
     if init is not None:
         start = ScatterCNN(init)  # read once: its weights and the record of how they were made
         module.network.load_state_dict(start.network.state_dict())
         initialised_from = {"file": Path(init).name, "training_seconds": start.metadata.get("training_seconds"),
                             "training_cases": start.metadata.get("training_cases")}  # fmt: skip
-    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+        lineage = list(start.metadata.get("lineage", []))
     trainer = pl.Trainer(
         max_epochs=epochs, max_time={"minutes": max_minutes} if max_minutes else None, accelerator=accelerator,
         devices=1, logger=pl.loggers.CSVLogger(str(log_dir), name=""), enable_checkpointing=False,
@@ -196,8 +225,11 @@ def train(
         check_val_every_n_epoch=max(1, epochs // 20),
     )  # fmt: skip
     started = time.perf_counter()
-    trainer.fit(module, DataLoader(fit_set, batch_size=batch_size, shuffle=True, drop_last=True),
-                DataLoader(val_set, batch_size=64))  # fmt: skip
+    shuffled = RandomSampler(fit_set, generator=torch.Generator().manual_seed(seed))
+    fit_batches = BatchSampler(shuffled, batch_size, drop_last=True)
+    val_batches = BatchSampler(SequentialSampler(val_set), 64, drop_last=False)
+    trainer.fit(module, DataLoader(fit_set, batch_size=None, sampler=fit_batches),
+                DataLoader(val_set, batch_size=None, sampler=val_batches))  # fmt: skip
     seconds = time.perf_counter() - started
     network = module.network.float().eval().cpu()
     record = {
@@ -207,6 +239,9 @@ def train(
         "epochs_run": int(trainer.current_epoch),
         "steps_run": int(trainer.global_step),
         "training_cases": int(len(fit)),
+        "batch_size": int(batch_size),
+        "learning_rate": float(learning_rate),
+        "spr_weight": float(spr_weight),
         "initialised_from": initialised_from,
         "validation_cases": int(n_val),
         "validation": evaluate_cases(
@@ -214,6 +249,13 @@ def train(
         ),  # fmt: skip
     }
     record["validation"].pop("per_case")
+    indices = [int(p["index"]) for p in cases["parameters"]]
+    # Every training run that led to these weights, oldest first (a fine-tuning run extends its start's list).
+    record["lineage"] = lineage + [{
+        "device": record["device"], "training_seconds": record["training_seconds"], "steps": record["steps_run"],
+        "case_indices": [min(indices), max(indices)], "training_cases": record["training_cases"],
+        "batch_size": int(batch_size), "learning_rate": float(learning_rate), "spr_weight": float(spr_weight),
+    }]  # fmt: skip
     if heldout_files:
         record["heldout"] = evaluate_cases(network, load_cases(heldout_files))
     save_network(network, out, metadata=record)
@@ -238,10 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path, default=None, help="also write the record as JSON here")
     parser.add_argument("--init", type=Path, default=None, help="start from these weights (default: random)")
+    parser.add_argument("--spr-weight", type=float, default=1.0, help="weight of the mean-SPR term of the loss")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     record = train(args.data, args.out, args.epochs, args.batch_size, args.lr, tuple(args.widths), args.device,
-                   args.max_minutes, args.log_dir, args.seed, not args.no_progress, args.init)  # fmt: skip
+                   args.max_minutes, args.log_dir, args.seed, not args.no_progress, args.init,
+                   args.spr_weight)  # fmt: skip
     text = json.dumps({k: v for k, v in record.items() if k != "heldout"} | {
         "heldout": {k: v for k, v in record.get("heldout", {}).items() if k != "per_case"}}, indent=1)  # fmt: skip
     print(text)
