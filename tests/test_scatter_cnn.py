@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import torchdrr.learned.scatter as scatter_module
 from torchdrr import DRR
 from torchdrr.geometry import Camera, carm_extrinsics, intrinsic_matrix
 from torchdrr.learned.scatter import (
@@ -16,6 +18,7 @@ from torchdrr.learned.scatter import (
     ScatterUNet,
     bin_grid,
     camera_pixel_pitch,
+    check_training_range,
     network_inputs,
     object_detector_distance,
     predict_ratio,
@@ -26,6 +29,7 @@ from torchdrr.learned.scatter import (
 from torchdrr.learned.scatter_data import HELDOUT_KVP, case_parameters, load_cases, simulate_cases
 from torchdrr.learned.scatter_training import case_tensors, evaluate_cases, relative_rmse
 from torchdrr.physics import MaterialChannels, PhotonCountingDetector, spectrum_preset
+from torchdrr.physics.spectra import spectrum
 
 HELDOUT = Path(__file__).parent / "data" / "scatter_heldout.npz"
 
@@ -210,6 +214,33 @@ def test_bad_input(tmp_path, shipped):
         shipped.scatter_ratio(t, torch.ones(1, 1, 8, 7), (1.0, 1.0), 1000.0, 90.0, 50.0, 200.0)
     with pytest.raises(ValueError, match="no photons"):
         spectrum_scalars(torch.arange(3.0), torch.zeros(3))
+
+
+def test_outside_the_training_range_warns_once(monkeypatch, shipped):
+    """Geometry or spectrum the network never saw is flagged (once per quantity), typical detectors are not."""
+    monkeypatch.setattr(scatter_module, "_WARNED", set())
+    t, m = torch.full((1, 1, 96, 124), 0.3), torch.full((1, 1, 96, 124), 20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in range: no warning at all
+        shipped.scatter_ratio(t, m, (3.0, 3.0), 1020.0, 90.0, 50.0, 200.0)  # 288 x 372 mm at SDD 1020
+        assert check_training_range(kvp=60.0, mean_energy_keV=36.0, sdd_mm=1250.0, field_mm=430.0) == []
+        for preset in ("60kVp", "90kVp", "120kVp"):  # the presets are all in range
+            DRR(MaterialChannels(torch.ones(1, 4, 4, 4), ("water",)), torch.eye(4, dtype=torch.float64),
+                scatter="cnn", spectrum=preset)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"detector field side 9\.6 mm is outside.*150-520 mm"):
+        shipped.scatter_ratio(t[..., :8, :8], m[..., :8, :8], (1.2, 1.2), 1020.0, 90.0, 50.0, 200.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped.scatter_ratio(t[..., :8, :8], m[..., :8, :8], (1.2, 1.2), 1020.0, 90.0, 50.0, 200.0)  # said once
+    with pytest.warns(UserWarning, match="tube voltage 140 kVp"):
+        shipped.scatter_ratio(t, m, (3.0, 3.0), 1020.0, 140.0, 65.0, 200.0)
+    with pytest.warns(UserWarning, match="source-to-detector distance 1800 mm"):
+        shipped.scatter_ratio(t, m, (3.0, 3.0), 1800.0, 90.0, 50.0, 200.0)
+    densities = MaterialChannels(torch.ones(1, 4, 4, 4), ("water",))
+    monkeypatch.setattr(scatter_module, "_WARNED", set())
+    # The DRR checks its spectrum when it is built: an unfiltered 60 kVp beam is far softer than any training beam.
+    with pytest.warns(UserWarning, match=r"mean photon energy \(filtration\) 16.16 keV"):
+        DRR(densities, torch.eye(4, dtype=torch.float64), scatter="cnn", spectrum=spectrum(60.0))
 
 
 def test_save_round_trip(tmp_path):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .geometry import Camera
 from .io import Volume, volume_center
-from .learned.scatter import ScatterCNN
+from .learned.scatter import ScatterCNN, check_training_range, spectrum_scalars
 from .memory import AUTO_BUDGET_FRACTION, RenderPlan, available_bytes, plan_chunks
 from .ops import camera_raycast, log_weighted_transmission, raycast, with_contiguous_axis
 from .physics.batch_invariant import fixed_point_mean, ordered_mean, ordered_sum
@@ -341,6 +341,9 @@ class DRR(nn.Module):
             raise ValueError("Monte Carlo scatter is tallied for an EnergyIntegratingDetector only")
         if isinstance(scatter, ScatterCNN) and not isinstance(self.detector, EnergyIntegratingDetector):
             raise ValueError("the scatter CNN was trained for an EnergyIntegratingDetector only")
+        if isinstance(scatter, ScatterCNN):  # its spectrum range, checked once here (per call it stays on the device)
+            kvp, mean_energy = spectrum_scalars(self.energy_keV, self.spectrum_weights)
+            check_training_range(kvp=kvp, mean_energy_keV=mean_energy)
         self.scatter = scatter
 
         # --- ray casting ------------------------------------------------------------------------------------------

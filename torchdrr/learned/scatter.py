@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 from importlib import resources
@@ -40,7 +41,9 @@ __all__ = [
     "SCALAR_NAMES",
     "ScatterCNN",
     "ScatterUNet",
+    "TRAINING_RANGE",
     "bundled_scatter_weights_path",
+    "check_training_range",
     "network_inputs",
     "camera_pixel_pitch",
     "object_detector_distance",
@@ -59,6 +62,50 @@ _LINE_INTEGRAL_SCALE = 4.0
 _MASS_SCALE = 20.0  # g/cm^2
 #: The transmission is clamped here before the log (a bin that sees no primary still has a finite input).
 _MIN_TRANSMISSION = 1e-7
+
+
+#: What the training cases span (``scatter_data.case_parameters``: 60-120 kVp, SDD 950-1250 mm, fields of 30-62 bins
+#: of 6.3-7.7 mm), widened a little; outside these the network extrapolates and ``check_training_range`` warns.
+TRAINING_RANGE = {
+    "kvp": (57.0, 123.0),
+    "mean_energy_keV": (33.0, 60.0),  # 60 kVp + 2 mm Al: 35 keV; 120 kVp + 4.5 mm Al: 58 keV
+    "sdd_mm": (900.0, 1300.0),
+    "field_mm": (150.0, 520.0),
+    "bin_pitch_mm": (5.5, 9.0),
+}
+_UNITS = {"kvp": "kVp", "mean_energy_keV": "keV", "sdd_mm": "mm", "field_mm": "mm", "bin_pitch_mm": "mm"}
+_WHAT = {
+    "kvp": "tube voltage",
+    "mean_energy_keV": "mean photon energy (filtration)",
+    "sdd_mm": "source-to-detector distance",
+    "field_mm": "detector field side",
+    "bin_pitch_mm": "bin pitch (pixels coarser than the network's ~7 mm bins)",
+}
+#: Quantities already warned about in this process (one warning each, so a registration loop is not flooded).
+_WARNED: set[str] = set()
+
+
+def check_training_range(**values: float) -> list[str]:
+    """Warns once per quantity (per process) when a value lies outside ``TRAINING_RANGE``; returns the messages.
+
+    ``values``: any of ``kvp``, ``mean_energy_keV``, ``sdd_mm``, ``field_mm`` (a detector side, mm) and
+    ``bin_pitch_mm``. A narrow beam
+    is the common case: the network never saw fields under ~19 cm and overestimates the scatter of small ones.
+    """
+    messages = []
+    for name, value in values.items():
+        low, high = TRAINING_RANGE[name]
+        if low <= float(value) <= high:
+            continue
+        unit = _UNITS[name]
+        messages.append(
+            f"ScatterCNN: {_WHAT[name]} {float(value):.4g} {unit} is outside the range it was trained on "
+            f"({low:g}-{high:g} {unit}); its scatter is an extrapolation there (scatter='montecarlo' is exact)"
+        )
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(messages[-1], stacklevel=3)
+    return messages
 
 
 def bundled_scatter_weights_path() -> Path:
@@ -334,6 +381,15 @@ class ScatterCNN(nn.Module):
         t = F.adaptive_avg_pool2d(transmission.to(parameter.dtype), (rows, cols))[:, 0]
         m = F.adaptive_avg_pool2d(mass_thickness.to(parameter.dtype), (rows, cols))[:, 0]
         bin_pitch = 0.5 * (height * pixel_pitch_mm[0] / rows + width * pixel_pitch_mm[1] / cols)
+        field = (height * float(pixel_pitch_mm[0]), width * float(pixel_pitch_mm[1]))
+        narrow = min(field) < TRAINING_RANGE["field_mm"][0]
+        numbers = {"sdd_mm": sdd_mm, "field_mm": min(field) if narrow else max(field)}
+        if not narrow:  # (a narrow field has narrow bins: the field's warning says it already)
+            numbers["bin_pitch_mm"] = bin_pitch
+        for name, value in (("kvp", kvp), ("mean_energy_keV", mean_energy_keV)):
+            if not isinstance(value, Tensor):  # a device tensor is not read back (no wait); DRR checks its spectrum
+                numbers[name] = value
+        check_training_range(**numbers)
         # Numbers are filled on the device and tensors stay there (no host-to-device copy and no wait: the call can
         # be captured in a CUDA graph).
         columns = [
