@@ -17,7 +17,6 @@ from torchdrr.learned.scatter import (
     ScatterCNN,
     ScatterUNet,
     bin_grid,
-    camera_pixel_pitch,
     check_training_range,
     network_inputs,
     object_detector_distance,
@@ -119,11 +118,15 @@ def test_host_free_scalars_match_the_host_ones():
     spectrum_numbers(energy, weights)[1].backward()  # the mean energy is differentiable in the spectrum
     assert float(weights.grad.abs().sum()) > 0
     camera = _camera(40, 30, 0.5, torch.zeros(3, dtype=torch.float64))
-    assert camera_pixel_pitch(camera) == pytest.approx((0.5, 0.5)) == camera.pixel_spacing_mm
-    assert camera_pixel_pitch(camera) == pytest.approx((0.5, 0.5))  # the cached answer
+    assert camera.pixel_spacing_mm == pytest.approx((0.5, 0.5))
+    assert camera.pixel_spacing_mm == pytest.approx((0.5, 0.5))  # the cached answer
     with torch.no_grad():
         camera.intrinsics[0, 0] *= 2.0  # in place: the cache must notice
-    assert camera_pixel_pitch(camera) == pytest.approx((0.5, 0.25))
+    assert camera.pixel_spacing_mm == pytest.approx((0.5, 0.25))
+    with torch.inference_mode():  # inference tensors have no version counter: read, not cached
+        frozen = _camera(40, 30, 0.5, torch.zeros(3, dtype=torch.float64))
+        assert frozen.pixel_spacing_mm == pytest.approx((0.5, 0.5))
+    assert frozen.pixel_spacing_mm == pytest.approx((0.5, 0.5))
 
 
 def test_scatter_ratio_gradcheck():
@@ -277,6 +280,8 @@ def test_cuda_graph_path_matches_eager_and_keeps_gradients():
             reference = eager.scatter_ratio(t, m, *args)
         assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-7)
     assert len(graphed._graphs.entries) == 1  # one shape, one graph
+    with torch.inference_mode():  # inference tensors take the graph path too
+        assert torch.allclose(graphed.scatter_ratio(t, m, *args), reference, rtol=1e-5, atol=1e-7)
     t.requires_grad_(True)
     out = graphed.scatter_ratio(t, m, *args)
     assert out.requires_grad

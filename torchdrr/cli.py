@@ -295,7 +295,7 @@ def _add_render_parser(commands) -> None:
         "--scatter",
         choices=["none", "cnn", "montecarlo"],
         default="none",
-        help="add scatter to the primary: cnn (the shipped scatter network, fast; about 10 %% error against Monte "
+        help="add scatter to the primary: cnn (the shipped scatter network, fast; about 5 %% error against Monte "
         "Carlo) or montecarlo (photon transport, accurate, slow on a CPU); energy-integrating detector only",
     )
     exposure = physics.add_mutually_exclusive_group()

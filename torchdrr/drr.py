@@ -339,9 +339,10 @@ class DRR(nn.Module):
             raise TypeError(f"scatter must be None, 'montecarlo', 'cnn' or an nn.Module, got {type(scatter).__name__}")
         if isinstance(scatter, MonteCarloScatter) and not isinstance(self.detector, EnergyIntegratingDetector):
             raise ValueError("Monte Carlo scatter is tallied for an EnergyIntegratingDetector only")
-        if isinstance(scatter, ScatterCNN) and not isinstance(self.detector, EnergyIntegratingDetector):
-            raise ValueError("the scatter CNN was trained for an EnergyIntegratingDetector only")
-        if isinstance(scatter, ScatterCNN):  # its spectrum range, checked once here (per call it stays on the device)
+        if isinstance(scatter, ScatterCNN):
+            if not isinstance(self.detector, EnergyIntegratingDetector):
+                raise ValueError("the scatter CNN was trained for an EnergyIntegratingDetector only")
+            # Its spectrum range is checked once, here: per call the spectrum stays on the device.
             kvp, mean_energy = spectrum_scalars(self.energy_keV, self.spectrum_weights)
             check_training_range(kvp=kvp, mean_energy_keV=mean_energy)
         self.scatter = scatter

@@ -11,6 +11,7 @@ where the DRR shows it.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -213,6 +214,31 @@ def bin_intrinsics(intrinsics: Tensor, factor: int) -> Tensor:
     return binned
 
 
+#: Host copies of K's focal lengths, so that reading a GPU camera's pixel pitch (every scatter-CNN render does) copies
+#: K to the host, and waits for the GPU, once per intrinsics tensor rather than on every call. An entry is valid while
+#: its tensor is alive (weak reference) and unchanged in place (version counter).
+_HOST_FOCAL_LENGTHS: dict[int, tuple[weakref.ref, int, tuple[float, float]]] = {}
+
+
+def _host_focal_lengths(intrinsics: Tensor) -> tuple[float, float]:
+    """``(|fv|, |fu|)`` of ``intrinsics`` ``[3, 3]`` (pixels), from the host cache or read once from the device."""
+    k = intrinsics.detach()
+    if k.is_inference():  # no version counter to tell an in-place change: read it every time
+        k = k.to("cpu", torch.float64)
+        return (abs(float(k[1, 1])), abs(float(k[0, 0])))
+    key = id(intrinsics)
+    hit = _HOST_FOCAL_LENGTHS.get(key)
+    if hit is not None and hit[0]() is intrinsics and hit[1] == intrinsics._version:
+        return hit[2]
+    k = k.to("cpu", torch.float64)
+    focal = (abs(float(k[1, 1])), abs(float(k[0, 0])))
+    if len(_HOST_FOCAL_LENGTHS) > 64:  # drop the entries whose tensors are gone
+        for stale in [k for k, v in _HOST_FOCAL_LENGTHS.items() if v[0]() is None]:
+            del _HOST_FOCAL_LENGTHS[stale]
+    _HOST_FOCAL_LENGTHS[key] = (weakref.ref(intrinsics), intrinsics._version, focal)
+    return focal
+
+
 @dataclass(frozen=True)
 class Camera:
     """A batch of X-ray cameras that share one flat detector (design.md §3).
@@ -296,9 +322,10 @@ class Camera:
     @property
     def pixel_spacing_mm(self) -> tuple[float, float]:
         """The detector's pixel pitch ``(row, column)`` in mm, from K and the SDD (``fv = SDD / row pitch``,
-        ``|fu| = SDD / column pitch``)."""
-        intrinsics = self.intrinsics.detach().to("cpu", torch.float64)
-        return (float(self.sdd_mm) / abs(float(intrinsics[1, 1])), float(self.sdd_mm) / abs(float(intrinsics[0, 0])))
+        ``|fu| = SDD / column pitch``). K is read from its device once per tensor (and again after an in-place
+        change), so a GPU camera does not wait for the GPU on every call."""
+        fv, fu = _host_focal_lengths(self.intrinsics)
+        return (float(self.sdd_mm) / fv, float(self.sdd_mm) / fu)
 
     def projection_matrix(self) -> Tensor:
         """``[B, 3, 4]`` P = K [R | t]."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-import weakref
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
@@ -45,7 +44,6 @@ __all__ = [
     "bundled_scatter_weights_path",
     "check_training_range",
     "network_inputs",
-    "camera_pixel_pitch",
     "object_detector_distance",
     "spectrum_numbers",
 ]
@@ -89,8 +87,8 @@ def check_training_range(**values: float) -> list[str]:
     """Warns once per quantity (per process) when a value lies outside ``TRAINING_RANGE``; returns the messages.
 
     ``values``: any of ``kvp``, ``mean_energy_keV``, ``sdd_mm``, ``field_mm`` (a detector side, mm) and
-    ``bin_pitch_mm``. A narrow beam
-    is the common case: the network never saw fields under ~19 cm and overestimates the scatter of small ones.
+    ``bin_pitch_mm``. A narrow beam is the common case: the network never saw fields under ~19 cm and overestimates
+    the scatter of small ones.
     """
     messages = []
     for name, value in values.items():
@@ -213,48 +211,25 @@ def network_inputs(
 
 
 def spectrum_scalars(energy_keV: Tensor, photons: Tensor) -> tuple[float, float]:
-    """The tube voltage (kVp: the top of the highest bin with photons) and mean photon energy (keV) of a spectrum."""
-    energy = energy_keV.detach().to("cpu", torch.float64)
-    weights = photons.detach().to("cpu", torch.float64).clamp_min(0)
-    nonzero = torch.nonzero(weights > 0)
-    if nonzero.numel() == 0:
+    """The tube voltage (kVp: the top of the highest bin with photons) and mean photon energy (keV) of a spectrum,
+    as host numbers (``spectrum_numbers`` read back)."""
+    weights = photons.detach().to("cpu", torch.float64)
+    if not bool((weights > 0).any()):
         raise ValueError("the spectrum has no photons")
-    step = float(energy[1] - energy[0]) if energy.numel() > 1 else 1.0
-    kvp = float(energy[int(nonzero[-1])]) + 0.5 * step
-    return kvp, float((weights * energy).sum() / weights.sum())
+    kvp, mean_energy = spectrum_numbers(energy_keV.detach().to("cpu", torch.float64), weights).tolist()
+    return kvp, mean_energy
 
 
 def spectrum_numbers(energy_keV: Tensor, photons: Tensor) -> Tensor:
-    """``[2]`` tube voltage (kVp) and mean photon energy (keV) of a spectrum, as ``spectrum_scalars`` gives them but
-    computed on the spectrum's device (no host copy, so a GPU render does not wait here). Differentiable in
-    ``photons`` through the mean energy."""
+    """``[2]`` tube voltage (kVp: the top of the highest bin with photons) and mean photon energy (keV) of a spectrum,
+    computed on the spectrum's device (no host copy, so a GPU render does not wait here; ``spectrum_scalars`` reads
+    them back). Differentiable in ``photons`` through the mean energy."""
     weights = photons.clamp_min(0)
     energy = energy_keV.to(weights.dtype)
     step = energy[1] - energy[0] if energy.numel() > 1 else energy.new_ones(())
     kvp = torch.where(weights > 0, energy, energy.new_full((), -math.inf)).amax() + 0.5 * step
     mean_energy = (weights * energy).sum() / weights.sum()
     return torch.stack([kvp.detach(), mean_energy])
-
-
-#: Host copies of cameras' pixel pitch, so a render does not copy K from the GPU on every call: one entry per live
-#: intrinsics tensor, checked against its identity (weak reference) and in-place version counter.
-_PITCH_CACHE: dict[int, tuple[weakref.ref, int, float, tuple[float, float]]] = {}
-
-
-def camera_pixel_pitch(camera) -> tuple[float, float]:
-    """The detector pitch ``(row, column)`` in mm of ``camera`` (``Camera.pixel_spacing_mm``), read from the device
-    once per intrinsics tensor and then from a host cache (invalidated when the tensor is changed in place)."""
-    intrinsics = camera.intrinsics
-    key = id(intrinsics)
-    hit = _PITCH_CACHE.get(key)
-    if hit is not None and hit[0]() is intrinsics and hit[1] == intrinsics._version and hit[2] == camera.sdd_mm:
-        return hit[3]
-    pitch = camera.pixel_spacing_mm
-    if len(_PITCH_CACHE) > 64:  # drop entries whose tensors are gone
-        for stale in [k for k, v in _PITCH_CACHE.items() if v[0]() is None]:
-            del _PITCH_CACHE[stale]
-    _PITCH_CACHE[key] = (weakref.ref(intrinsics), intrinsics._version, float(camera.sdd_mm), pitch)
-    return pitch
 
 
 def object_detector_distance(camera, object_centre: Tensor) -> Tensor:
@@ -274,9 +249,9 @@ class _NetworkGraphs:
     """CUDA graphs of ``predict_ratio`` for inference, one per input shape (least recently used ones dropped).
 
     The network is about 70 small kernels on a ~50 x 60 grid, so on a GPU its eager call is bound by the host's
-    kernel launches (about 2 ms on an H100 host), while the replay of a captured graph is one launch (about 0.5 ms of
-    GPU work). A graph reads the parameters where they are: in-place changes (``load_state_dict``, an optimiser)
-    are seen, a move (``.to``) makes a new graph.
+    kernel launches (2.4-4.6 ms on the H100 hosts measured), while the replay of a captured graph is one launch
+    (about 0.6 ms of GPU work). A graph reads the parameters where they are: in-place changes (``load_state_dict``,
+    an optimiser) are seen, a move (``.to``) makes a new graph.
     """
 
     def __init__(self, capacity: int = 4) -> None:
@@ -320,7 +295,7 @@ class ScatterCNN(nn.Module):
         network: a ``ScatterUNet`` to use instead of loading one.
         flip_average: average the predictions for the four mirror images of the scene (``predict_ratio``).
         cuda_graphs: on a CUDA device, run the network through a captured CUDA graph whenever no gradient is needed
-            (inference: about 4x faster at 1240 x 960 on an H100, same numbers); calls that need gradients, run under
+            (inference: about 3x faster at 1240 x 960 on an H100, same numbers); calls that need gradients, run under
             ``torch.compile`` or inside another graph capture always run eagerly.
 
     The network was trained on Monte Carlo scatter (``transport``) of the chest CT and procedural torso phantoms,
@@ -432,11 +407,11 @@ class ScatterCNN(nn.Module):
             spectrum: ``(energy_keV [E], photons [E])`` of the beam.
             object_centre: ``[3]`` world point (mm) of the object's centre (the DRR passes its volume's centre).
 
-        Nothing is copied to the host on the way (the pitch is cached per camera): a GPU render is not held up.
+        Nothing is copied to the host on the way (the camera caches its pitch): a GPU render is not held up.
         """
         if primary.dim() != 4 or primary.shape[1] != 1:
             raise ValueError(f"primary must be [B, 1, H, W] (energy-integrating), got {tuple(primary.shape)}")
-        pitch = camera_pixel_pitch(camera)
+        pitch = camera.pixel_spacing_mm  # (K is read from the device once per tensor: no wait per call)
         energy, photons = spectrum
         numbers = spectrum_numbers(energy.to(primary.device), photons.to(primary.device))
         transmission = primary / flat_field
