@@ -327,6 +327,16 @@ def test_training_entry_point(tmp_path):
     tuned = train(data, tmp_path / "tuned.pt", epochs=1, batch_size=8, device="cpu", log_dir=tmp_path / "logs",
                   progress=False, init=out, widths=(8, 8, 8, 8), spr_weight=2.0)  # fmt: skip
     assert [stage["spr_weight"] for stage in tuned["lineage"]] == [1.0, 2.0]  # the start's runs, then this one
+    for bad, match in (({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+                       ({"learning_rate": -1.0}, "learning_rate must be a positive number"),
+                       ({"spr_weight": float("nan")}, "spr_weight must be a number >= 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            train(data, tmp_path / "bad.pt", device="cpu", log_dir=tmp_path / "logs", progress=False, **bad)
+    assert not (tmp_path / "bad.pt").exists()
+    from torchdrr.learned.scatter_training import main
+
+    with pytest.raises(SystemExit):  # the command: a one-line usage error
+        main(["--data", str(data), "--out", str(tmp_path / "bad.pt"), "--batch-size", "0", "--device", "cpu"])
     assert loaded.metadata["heldout"]["relative_rmse"]["median"] == pytest.approx(
         record["heldout"]["relative_rmse"]["median"]
     )

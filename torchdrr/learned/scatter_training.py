@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -190,6 +191,14 @@ def train(
     Returns:
         The record written into the weights' metadata: training time, the validation and held-out figures.
     """
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+    for name, value in (("learning_rate", learning_rate), ("max_minutes", max_minutes)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not (math.isfinite(spr_weight) and spr_weight >= 0):
+        raise ValueError(f"spr_weight must be a number >= 0, got {spr_weight!r}")
     pl.seed_everything(seed, workers=True)
     train_files = sorted(Path(data).glob("train-*.npz"))
     heldout_files = sorted(Path(data).glob("heldout-*.npz"))
@@ -283,9 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spr-weight", type=float, default=1.0, help="weight of the mean-SPR term of the loss")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    record = train(args.data, args.out, args.epochs, args.batch_size, args.lr, tuple(args.widths), args.device,
-                   args.max_minutes, args.log_dir, args.seed, not args.no_progress, args.init,
-                   args.spr_weight)  # fmt: skip
+    try:
+        record = train(args.data, args.out, args.epochs, args.batch_size, args.lr, tuple(args.widths), args.device,
+                       args.max_minutes, args.log_dir, args.seed, not args.no_progress, args.init,
+                       args.spr_weight)  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:  # a bad argument or missing data: one line, no traceback
+        parser.error(str(error))
     text = json.dumps({k: v for k, v in record.items() if k != "heldout"} | {
         "heldout": {k: v for k, v in record.get("heldout", {}).items() if k != "per_case"}}, indent=1)  # fmt: skip
     print(text)
